@@ -1,0 +1,75 @@
+"""turnstream: durable, replayable, re-attachable chat turns for ASGI apps."""
+
+from ._events import LoggedEvent, NewEvent
+from ._exceptions import (
+    AdapterError,
+    InvalidTurnInput,
+    LeaseLost,
+    PayloadTooLarge,
+    RunFinished,
+    RunNotFound,
+    StoreError,
+    StoreUnavailable,
+    TurnInputMismatch,
+    TurnstreamError,
+)
+from ._framing import StreamFormat
+from ._handler import ChatTurnResult, handle_chat_turn
+from ._hooks import Limits, SupervisedEvent, TurnCompletion, TurnContext, TurnHooks
+from ._identity import TurnIdentity, canonical_input_hash, derive_execution_id, parse_execution_id
+from ._middleware import Principal, TurnstreamMiddleware
+from ._requests import ChatTurnRequest, read_json_body
+from ._store import BeginOutcome, Lease, RunKey, RunRecord, RunStatus, TurnStore
+from ._supervisor import Supervisor
+from .stores import MemoryStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "BeginOutcome",
+    "ChatTurnRequest",
+    "ChatTurnResult",
+    "InvalidTurnInput",
+    "Lease",
+    "LeaseLost",
+    "Limits",
+    "LoggedEvent",
+    "MemoryStore",
+    "NewEvent",
+    "PayloadTooLarge",
+    "Principal",
+    "RedisStore",
+    "RunFinished",
+    "RunKey",
+    "RunNotFound",
+    "RunRecord",
+    "RunStatus",
+    "StoreError",
+    "StoreUnavailable",
+    "StreamFormat",
+    "SupervisedEvent",
+    "Supervisor",
+    "TurnCompletion",
+    "TurnContext",
+    "TurnHooks",
+    "TurnIdentity",
+    "TurnInputMismatch",
+    "TurnStore",
+    "TurnstreamError",
+    "TurnstreamMiddleware",
+    "canonical_input_hash",
+    "derive_execution_id",
+    "handle_chat_turn",
+    "parse_execution_id",
+    "read_json_body",
+]
+
+
+def __getattr__(name: str) -> object:
+    # RedisStore pulls in redis-py; import it only for apps that use it.
+    if name == "RedisStore":
+        from .stores.redis import RedisStore
+
+        return RedisStore
+    raise AttributeError(f"module 'turnstream' has no attribute {name!r}")

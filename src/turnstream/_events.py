@@ -1,0 +1,120 @@
+"""Events: what a writer submits (:class:`NewEvent`) and what the log holds (:class:`LoggedEvent`).
+
+An event is a JSON object with a ``type``. The producer's fields are kept verbatim; the pump adds
+``eventId`` (the dedup key) and the store adds ``seq`` (reserved: a producer may not set it).
+The serialised JSON is kept as bytes from the moment it is accepted, so a replay sends the very
+bytes that were logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from ._exceptions import InvalidTurnInput, PayloadTooLarge
+
+__all__ = [
+    "CANCELLED",
+    "COMPLETED",
+    "ERROR",
+    "FAILED",
+    "RESTARTED",
+    "STARTED",
+    "TERMINAL_TYPES",
+    "TEXT_DELTA",
+    "LoggedEvent",
+    "NewEvent",
+]
+
+STARTED: Final = "session.run.started"
+RESTARTED: Final = "session.run.restarted"
+COMPLETED: Final = "session.run.completed"
+FAILED: Final = "session.run.failed"
+CANCELLED: Final = "session.run.cancelled"
+ERROR: Final = "error"
+TEXT_DELTA: Final = "text-delta"
+TERMINAL_TYPES: Final = frozenset({COMPLETED, FAILED, CANCELLED})
+
+MAX_EVENT_ID_LENGTH: Final = 256
+DEFAULT_MAX_EVENT_BYTES: Final = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event accepted for the log but not yet given a ``seq``.
+
+    ``data`` is the JSON object (``type`` first, ``eventId`` included, no ``seq``).
+    """
+
+    event_id: str
+    type: str
+    data: bytes
+
+    @classmethod
+    def build(
+        cls,
+        event_id: str,
+        payload: Mapping[str, Any],
+        *,
+        max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    ) -> NewEvent:
+        """Validate and serialise one event; raise :class:`InvalidTurnInput` when it is not one."""
+        if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_EVENT_ID_LENGTH:
+            raise InvalidTurnInput(
+                f"eventId must be a non-empty string of at most {MAX_EVENT_ID_LENGTH} characters",
+                field="eventId",
+            )
+        if not isinstance(payload, Mapping):
+            raise InvalidTurnInput("an event must be a JSON object", field="event")
+        event_type = payload.get("type")
+        if not isinstance(event_type, str) or not event_type:
+            raise InvalidTurnInput("an event needs a non-empty string 'type'", field="type")
+        if "seq" in payload:
+            raise InvalidTurnInput("'seq' is reserved: the store assigns it", field="seq")
+        body: dict[str, Any] = {"type": event_type}
+        for name, value in payload.items():
+            if name != "type" and name != "eventId":
+                body[name] = value
+        body["eventId"] = event_id
+        try:
+            data = orjson.dumps(body)
+        except TypeError as exc:
+            raise InvalidTurnInput(f"event is not JSON-serialisable: {exc}", field="event") from exc
+        if len(data) > max_bytes:
+            raise PayloadTooLarge(
+                f"event of {len(data)} bytes is over the limit of {max_bytes}", field="event"
+            )
+        return cls(event_id=event_id, type=event_type, data=data)
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL_TYPES
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedEvent:
+    """An event the store has acknowledged, at position ``seq`` (1, 2, 3…) of its run's log."""
+
+    seq: int
+    event_id: str
+    type: str
+    data: bytes
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL_TYPES
+
+    def to_json(self) -> bytes:
+        """The wire JSON: the logged object with ``seq`` first."""
+        # `data` always starts with `{"type":`, so splicing keeps it one valid object and
+        # avoids a parse + dump per event on every read.
+        return b'{"seq":%d,%s' % (self.seq, self.data[1:])
+
+    def payload(self) -> dict[str, Any]:
+        """The event as a dict, ``seq`` included."""
+        value: dict[str, Any] = orjson.loads(self.data)
+        value["seq"] = self.seq
+        return value

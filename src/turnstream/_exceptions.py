@@ -1,0 +1,78 @@
+"""The exception tree of turnstream.
+
+    TurnstreamError
+    ├── InvalidTurnInput        (bad identity, body or cursor: a 400 before the stream starts)
+    │   └── PayloadTooLarge     (body, message or event over a configured limit: 413)
+    ├── TurnInputMismatch       (same execution id, different input: 409)
+    ├── RunNotFound             (no such run for this tenant: 404)
+    ├── StoreError              (the store failed; redis-py errors are translated here)
+    │   └── StoreUnavailable    (cannot reach the store: 503 with Retry-After)
+    ├── LeaseLost               (a fenced write by a writer whose lease was taken over)
+    ├── RunFinished             (a write to a run that already has its terminal event)
+    └── AdapterError            (a reconnect adapter failed to start or attach)
+
+Every error that crosses the HTTP boundary is translated there: before the stream starts into
+an RFC 9457 problem document, after it into an in-band ``error`` event.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdapterError",
+    "InvalidTurnInput",
+    "LeaseLost",
+    "PayloadTooLarge",
+    "RunFinished",
+    "RunNotFound",
+    "StoreError",
+    "StoreUnavailable",
+    "TurnInputMismatch",
+    "TurnstreamError",
+]
+
+
+class TurnstreamError(Exception):
+    """Root of every error turnstream raises on purpose."""
+
+
+class InvalidTurnInput(TurnstreamError, ValueError):
+    """An identity, request body, event or cursor is malformed.
+
+    ``field`` names the offending part (``"sessionId"``, ``"Last-Event-ID"``…) when known.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class PayloadTooLarge(InvalidTurnInput):
+    """A body, message or event is over its configured limit."""
+
+
+class TurnInputMismatch(TurnstreamError):
+    """The execution id exists with a different input hash: a conflict, not a replay."""
+
+
+class RunNotFound(TurnstreamError):
+    """No run with this execution id is visible to this tenant."""
+
+
+class StoreError(TurnstreamError):
+    """The store failed to carry out an operation."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached right now; the request may be retried later."""
+
+
+class LeaseLost(TurnstreamError):
+    """The writer's lease was taken over (or released): its write did not land."""
+
+
+class RunFinished(TurnstreamError):
+    """The run already holds its terminal event; nothing is appended after it."""
+
+
+class AdapterError(TurnstreamError):
+    """A reconnect adapter failed to start or re-attach to its substrate run."""

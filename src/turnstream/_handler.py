@@ -1,0 +1,229 @@
+"""``handle_chat_turn``: the framework-neutral entry point of a chat turn.
+
+It classifies the request (fresh, replayed, joined, restarted — DESIGN §4), starts the pump
+when this request owns the turn, and returns a streaming result whose body is a reader from
+the client's cursor. It never raises into the HTTP layer: errors before the stream are
+problem documents, errors after it are in-band events.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from ._events import ERROR, LoggedEvent
+from ._exceptions import (
+    InvalidTurnInput,
+    PayloadTooLarge,
+    StoreError,
+    TurnInputMismatch,
+    TurnstreamError,
+)
+from ._framing import StreamFormat, frame_ndjson, frame_sse, negotiate_format, parse_cursor
+from ._hooks import Producer, TurnHooks
+from ._identity import TurnIdentity, canonical_input_hash
+from ._problems import problem_for_exception
+from ._reader import read_run
+from ._response import TurnStreamResponse
+from ._store import BeginOutcome, RunKey
+from ._supervisor import Supervisor
+
+__all__ = ["ChatTurnResult", "handle_chat_turn", "stream_run"]
+
+logger = logging.getLogger("turnstream.handler")
+
+_MODES = {
+    BeginOutcome.FRESH: "fresh",
+    BeginOutcome.COMPLETED: "replayed",
+    BeginOutcome.LIVE: "joined",
+    BeginOutcome.TAKEOVER: "restarted",
+}
+
+
+@dataclass
+class ChatTurnResult:
+    """What a turn request answers. An ASGI app itself (return it from a Starlette endpoint);
+    ``.response`` is the same as a Starlette ``Response`` (return that from FastAPI)."""
+
+    status: int
+    media_type: str
+    headers: dict[str, str]
+    body: AsyncIterable[bytes] | bytes
+    execution_id: str | None = None
+    mode: str | None = None
+    keepalive: bytes | None = None
+    keepalive_s: float = 15.0
+    send_timeout_s: float = 30.0
+    _response: Response | None = field(default=None, repr=False)
+
+    @property
+    def response(self) -> Response:
+        if self._response is None:
+            if isinstance(self.body, bytes):
+                self._response = Response(
+                    self.body,
+                    status_code=self.status,
+                    headers=self.headers,
+                    media_type=self.media_type,
+                )
+            else:
+                self._response = TurnStreamResponse(
+                    self.body,
+                    status_code=self.status,
+                    headers=self.headers,
+                    media_type=self.media_type,
+                    keepalive=self.keepalive,
+                    keepalive_interval=self.keepalive_s,
+                    send_timeout=self.send_timeout_s,
+                )
+        return self._response
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.response(scope, receive, send)
+
+
+def _problem_result(exc: BaseException, execution_id: str | None = None) -> ChatTurnResult:
+    problem = problem_for_exception(exc)
+    headers = {k: v for k, v in problem.headers.items() if k.lower() not in _SKIP_HEADERS}
+    if execution_id is not None:
+        headers["X-Execution-Id"] = execution_id
+    return ChatTurnResult(
+        status=problem.status_code,
+        media_type="application/problem+json",
+        headers=headers,
+        body=bytes(problem.body),
+        execution_id=execution_id,
+    )
+
+
+_SKIP_HEADERS = {"content-length", "content-type"}
+
+
+def _stream_error_frame(fmt: StreamFormat, code: str, message: str) -> bytes:
+    # Not logged (the store is what failed): no seq, so a resuming client keeps its cursor.
+    payload = orjson.dumps(
+        {"type": ERROR, "code": code, "message": message, "retryable": True}
+    )
+    if fmt is StreamFormat.SSE:
+        return b"event: error\ndata: " + payload + b"\n\n"
+    return payload + b"\n"
+
+
+async def _frames(
+    events: AsyncIterator[LoggedEvent], fmt: StreamFormat, execution_id: str
+) -> AsyncIterator[bytes]:
+    frame = frame_sse if fmt is StreamFormat.SSE else frame_ndjson
+    try:
+        async for event in events:
+            yield frame(event)
+    except StoreError as exc:
+        logger.warning("store failed while streaming %s: %s", execution_id, exc)
+        yield _stream_error_frame(
+            fmt, "store_unavailable", "the turn's log cannot be read right now; resume later"
+        )
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+
+
+def _stream_headers(execution_id: str, mode: str) -> dict[str, str]:
+    return {
+        "X-Execution-Id": execution_id,
+        "X-Turn-Mode": mode,
+        "Cache-Control": "no-store",
+        "X-Accel-Buffering": "no",
+    }
+
+
+def stream_run(
+    supervisor: Supervisor,
+    key: RunKey,
+    *,
+    fmt: StreamFormat,
+    after: int,
+    mode: str,
+) -> ChatTurnResult:
+    """A streaming result reading ``key``'s log from ``after`` (also used by the resume route)."""
+    limits = supervisor.limits
+    return ChatTurnResult(
+        status=200,
+        media_type=fmt.media_type,
+        headers=_stream_headers(key.execution_id, mode),
+        body=_frames(read_run(supervisor, key, after=after), fmt, key.execution_id),
+        execution_id=key.execution_id,
+        mode=mode,
+        keepalive=b": keep-alive\n\n" if fmt is StreamFormat.SSE else None,
+        keepalive_s=limits.keepalive_s,
+        send_timeout_s=limits.send_timeout_s,
+    )
+
+
+async def handle_chat_turn(
+    identity: TurnIdentity,
+    input: Mapping[str, Any],
+    *,
+    supervisor: Supervisor,
+    produce: Producer | None = None,
+    hooks: TurnHooks | None = None,
+    format: str | None = None,
+    accept: str | None = None,
+    cursor: str | int | None = None,
+    last_event_id: str | None = None,
+) -> ChatTurnResult:
+    """Answer one chat-turn request.
+
+    ``input`` is the turn's input as the app understands it (hashed to tell a retry from a
+    conflicting request, and handed to the producer). ``format`` / ``accept`` choose the
+    framing; ``cursor`` (``?after=``) or ``last_event_id`` resume a stream after a seq.
+    """
+    execution_id: str | None = None
+    try:
+        execution_id = identity.execution_id
+        fmt = negotiate_format(format, accept)
+        after = parse_cursor(None if cursor is None else str(cursor), last_event_id)
+        if hooks is None:
+            hooks = TurnHooks(produce=produce)
+        elif produce is not None:
+            hooks = replace(hooks, produce=produce)
+        if hooks.produce is None:
+            raise TypeError("handle_chat_turn needs a producer: pass produce= or hooks.produce")
+        _check_input_size(input, supervisor)
+        input_hash = canonical_input_hash(input)
+        key = RunKey(identity.tenant_id, execution_id)
+        await supervisor.ensure_started()
+        result = await supervisor.begin(key, input_hash=input_hash, user_id=identity.user_id)
+        if result.outcome is BeginOutcome.MISMATCH or (
+            result.outcome is not BeginOutcome.FRESH and result.run.user_id != identity.user_id
+        ):
+            raise TurnInputMismatch(
+                "this turn was already started with a different input; "
+                "use a new turn index for a new message"
+            )
+        if result.outcome in (BeginOutcome.FRESH, BeginOutcome.TAKEOVER):
+            supervisor.start_pump(
+                result,
+                identity=identity,
+                input=input,
+                hooks=hooks,
+                restart=result.outcome is BeginOutcome.TAKEOVER,
+            )
+    except TurnstreamError as exc:
+        return _problem_result(exc, execution_id)
+    return stream_run(supervisor, key, fmt=fmt, after=after, mode=_MODES[result.outcome])
+
+
+def _check_input_size(input: Mapping[str, Any], supervisor: Supervisor) -> None:
+    if not isinstance(input, Mapping):
+        raise InvalidTurnInput("the turn input must be a JSON object", field="input")
+    limit = supervisor.limits.max_body_bytes
+    try:
+        size = len(orjson.dumps(input))
+    except TypeError as exc:
+        raise InvalidTurnInput(f"the turn input is not JSON: {exc}", field="input") from exc
+    if size > limit:
+        raise PayloadTooLarge(f"the turn input is over {limit} bytes", field="input")

@@ -1,0 +1,224 @@
+"""Pure ASGI middleware: starts/stops the supervisor on lifespan and serves the turn routes.
+
+    GET  {prefix}/{execution_id}/stream   resume or replay from Last-Event-ID / ?after=
+    POST {prefix}/{execution_id}/cancel   idempotent cancel (JSON POST only), 202
+    GET  {prefix}/{execution_id}          the run record as JSON
+
+Everything else passes through untouched.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ._exceptions import RunNotFound, TurnstreamError
+from ._framing import negotiate_format, parse_cursor
+from ._handler import stream_run
+from ._identity import parse_execution_id
+from ._problems import ProblemResponse, problem_for_exception
+from ._store import RunKey, RunRecord
+from ._supervisor import Supervisor
+
+__all__ = ["Principal", "TurnstreamMiddleware"]
+
+logger = logging.getLogger("turnstream.middleware")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is asking, as the application's own auth resolved it."""
+
+    tenant_id: str
+    user_id: str
+
+
+Authorize = Callable[[Request], Principal | Awaitable[Principal]]
+
+
+class TurnstreamMiddleware:
+    """Wrap an ASGI app: ``app = TurnstreamMiddleware(app, supervisor=s, authorize=auth)``.
+
+    ``authorize(request)`` returns the caller's :class:`Principal` (or raises
+    ``PermissionError`` → 403). A run is visible only to its tenant and the user who started
+    it; anything else answers exactly like an unknown execution id.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        supervisor: Supervisor,
+        authorize: Authorize,
+        prefix: str = "/turns",
+    ) -> None:
+        self.app = app
+        self.supervisor = supervisor
+        self.authorize = authorize
+        self.prefix = prefix.rstrip("/")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            if path.startswith(self.prefix + "/"):
+                response = await self._route(scope, receive, path[len(self.prefix) + 1 :])
+                if response is not None:
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+    # -- lifespan --------------------------------------------------------------------------
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        supervisor = self.supervisor
+        failed = False
+
+        async def wrapped_receive() -> Message:
+            nonlocal failed
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await supervisor.start()
+                except Exception:
+                    logger.exception("the turnstream supervisor failed to start")
+                    failed = True
+            elif message["type"] == "lifespan.shutdown" and supervisor.started:
+                # Before the app's own shutdown: running turns may still need its resources.
+                await supervisor.aclose()
+            return message
+
+        async def wrapped_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete" and failed:
+                message = {
+                    "type": "lifespan.startup.failed",
+                    "message": "the turnstream supervisor failed to start",
+                }
+            await send(message)
+
+        try:
+            await self.app(scope, wrapped_receive, wrapped_send)
+        finally:
+            if supervisor.started:
+                await supervisor.aclose()
+
+    # -- turn routes -----------------------------------------------------------------------
+
+    async def _route(self, scope: Scope, receive: Receive, rest: str) -> Response | None:
+        method = scope["method"]
+        parts = rest.split("/")
+        if len(parts) == 2 and parts[1] == "stream":
+            if method not in ("GET", "HEAD"):
+                return _method_not_allowed("GET")
+            action = "stream"
+        elif len(parts) == 2 and parts[1] == "cancel":
+            if method != "POST":
+                return _method_not_allowed("POST")
+            action = "cancel"
+        elif len(parts) == 1:
+            if method not in ("GET", "HEAD"):
+                return _method_not_allowed("GET")
+            action = "status"
+        else:
+            return None
+        request = Request(scope, receive)
+        try:
+            execution_id = parts[0]
+            parse_execution_id(execution_id)
+            principal = await self._principal(request)
+            key = RunKey(principal.tenant_id, execution_id)
+            if action == "stream":
+                fmt = negotiate_format(
+                    request.query_params.get("format"), request.headers.get("accept")
+                )
+                after = parse_cursor(
+                    request.query_params.get("after"), request.headers.get("last-event-id")
+                )
+                await self.supervisor.ensure_started()
+                run = await self._visible_run(key, principal)
+                if run is None:
+                    return Response(status_code=204, headers={"Cache-Control": "no-store"})
+                mode = "replayed" if run.status.finished else "joined"
+                return stream_run(self.supervisor, key, fmt=fmt, after=after, mode=mode).response
+            if action == "cancel":
+                content_type = request.headers.get("content-type", "")
+                if content_type.split(";")[0].strip().lower() != "application/json":
+                    # A JSON content type makes this a non-simple request: a cross-site form
+                    # or fetch cannot trigger it without a CORS preflight.
+                    return ProblemResponse(
+                        415,
+                        "Unsupported Media Type",
+                        "cancel takes a JSON POST (Content-Type: application/json)",
+                    )
+                await self.supervisor.ensure_started()
+                run = await self._visible_run(key, principal)
+                if run is None:
+                    raise RunNotFound("no such turn")
+                requested = await self.supervisor.cancel(key) if not run.status.finished else False
+                return _json(
+                    {
+                        "executionId": execution_id,
+                        "status": run.status.value,
+                        "cancelRequested": requested or run.cancel_requested,
+                    },
+                    status=202,
+                )
+            run = await self._visible_run(key, principal)
+            if run is None:
+                raise RunNotFound("no such turn")
+            return _json(run_to_json(run))
+        except PermissionError as exc:
+            return ProblemResponse(403, "Forbidden", str(exc) or None)
+        except TurnstreamError as exc:
+            return problem_for_exception(exc)
+
+    async def _principal(self, request: Request) -> Principal:
+        principal = self.authorize(request)
+        if inspect.isawaitable(principal):
+            principal = await principal
+        if not isinstance(principal, Principal):
+            raise TypeError("authorize() must return a turnstream.Principal")
+        return principal
+
+    async def _visible_run(self, key: RunKey, principal: Principal) -> RunRecord | None:
+        run = await self.supervisor.store.get_run(key)
+        if run is None or run.user_id != principal.user_id:
+            return None
+        return run
+
+
+def run_to_json(run: RunRecord) -> dict[str, object]:
+    return {
+        "executionId": run.key.execution_id,
+        "status": run.status.value,
+        "attempt": run.attempt,
+        "lastSeq": run.last_seq,
+        "owned": run.lease_live,
+        "cancelRequested": run.cancel_requested,
+        "createdAt": run.created_at_ms,
+        "finishedAt": run.finished_at_ms,
+        "finalText": run.final_text if run.status.finished else None,
+    }
+
+
+def _json(value: object, *, status: int = 200) -> Response:
+    return Response(
+        orjson.dumps(value),
+        status_code=status,
+        media_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def _method_not_allowed(allow: str) -> Response:
+    return ProblemResponse(405, "Method Not Allowed", None, headers={"Allow": allow})
+

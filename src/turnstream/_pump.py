@@ -1,0 +1,366 @@
+"""The pump: the single writer of one run.
+
+It drains the producer into the log through the process-wide writer, publishes what the store
+acknowledged to local readers, and finishes the run (checkpoint + terminal event + release) in
+one atomic store call. Its lease is renewed by the supervisor's heartbeat; when the lease is
+lost the pump stops at once and writes nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import orjson
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._events import (
+    CANCELLED,
+    COMPLETED,
+    ERROR,
+    FAILED,
+    RESTARTED,
+    STARTED,
+    LoggedEvent,
+    NewEvent,
+)
+from ._exceptions import InvalidTurnInput, LeaseLost, PayloadTooLarge, StoreError
+from ._hooks import SupervisedEvent, TurnCompletion, TurnContext, TurnHooks
+from ._identity import TurnIdentity
+from ._live import LiveRun
+from ._store import Lease, RunKey, RunStatus
+
+if TYPE_CHECKING:
+    from ._supervisor import Supervisor
+
+__all__ = ["Pump"]
+
+logger = logging.getLogger("turnstream.pump")
+
+_FINISH_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    code: str
+    message: str
+    retryable: bool = False
+
+
+class Pump:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        *,
+        key: RunKey,
+        lease: Lease,
+        identity: TurnIdentity,
+        input: Mapping[str, Any],
+        hooks: TurnHooks,
+        attempt: int,
+        last_seq: int,
+        restart: bool,
+        live: LiveRun,
+    ) -> None:
+        self.supervisor = supervisor
+        self.key = key
+        self.lease = lease
+        self.identity = identity
+        self.input = input
+        self.hooks = hooks
+        self.attempt = attempt
+        self.last_seq = last_seq
+        self.restart = restart
+        self.live = live
+        self.text = ""
+        self.lost = False
+        self.finished = False
+        self._cancel_requested = anyio.Event()
+        self._scope = anyio.CancelScope()
+        self._produced = 0
+
+    # -- control (called by the supervisor) ------------------------------------------------
+
+    def request_cancel(self) -> None:
+        self._cancel_requested.set()
+
+    def lose_lease(self) -> None:
+        """Another writer holds the run now: stop without writing anything more."""
+        self.lost = True
+        self._scope.cancel()
+
+    def abandon(self) -> None:
+        """Stop without finishing (shutdown after the grace period); the lease is released."""
+        self._scope.cancel()
+
+    # -- the pump --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            with self._scope:
+                await self._run()
+        except* LeaseLost:
+            self.lost = True
+            logger.warning("lease on %s was taken over; this pump stops", self.key.execution_id)
+        except* Exception:
+            # Only a store outage gets here (producer errors are logged in-band): the run
+            # stays unfinished and its lease lapses, so the next request takes it over.
+            logger.exception("pump for %s stopped", self.key.execution_id)
+        finally:
+            self.live.close()
+
+    async def _run(self) -> None:
+        store = self.supervisor.store
+        execution_id = self.key.execution_id
+        if self.last_seq > 0:
+            await self._rebuild_text()
+        if self.restart:
+            self.attempt = await store.restart(self.key, self.lease)
+            self.text = ""
+            await self._log(
+                [
+                    self._lifecycle(
+                        f"restarted:{self.attempt}",
+                        {"type": RESTARTED, "executionId": execution_id, "attempt": self.attempt},
+                    )
+                ]
+            )
+        elif self.last_seq == 0:
+            await self._log(
+                [
+                    self._lifecycle(
+                        "started",
+                        {"type": STARTED, "executionId": execution_id, "attempt": self.attempt},
+                    )
+                ]
+            )
+
+        outcome = await self._drain()
+        if isinstance(outcome, _Failure):
+            await self._log(
+                [
+                    self._lifecycle(
+                        f"error:{self.attempt}",
+                        {
+                            "type": ERROR,
+                            "code": outcome.code,
+                            "message": outcome.message,
+                            "retryable": outcome.retryable,
+                        },
+                    )
+                ]
+            )
+            status, terminal_type = RunStatus.FAILED, FAILED
+        elif outcome == "cancelled":
+            status, terminal_type = RunStatus.CANCELLED, CANCELLED
+        else:
+            status, terminal_type = RunStatus.COMPLETED, COMPLETED
+        terminal = self._lifecycle(
+            "terminal",
+            {
+                "type": terminal_type,
+                "executionId": execution_id,
+                "attempt": self.attempt,
+                "finalText": self.text,
+            },
+        )
+        seq = await self._finish(status, terminal)
+        self.finished = True
+        self.last_seq = seq
+        logged = LoggedEvent(seq, terminal.event_id, terminal.type, terminal.data)
+        self.live.publish([logged])
+        await self._on_event(logged)
+        self.supervisor.spawn_post_hooks(self._completion(status), self.hooks)
+
+    async def _finish(self, status: RunStatus, terminal: NewEvent) -> int:
+        store = self.supervisor.store
+        for attempt in range(1, _FINISH_ATTEMPTS + 1):
+            try:
+                # Idempotent under the same lease, so a retry after a lost reply is safe.
+                return await store.finish(
+                    self.key, self.lease, status=status, terminal=terminal, final_text=self.text
+                )
+            except LeaseLost:
+                raise
+            except StoreError:
+                if attempt == _FINISH_ATTEMPTS:
+                    raise
+                await anyio.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def _rebuild_text(self) -> None:
+        """After a takeover the fold must cover what earlier owners logged (DESIGN §3.8)."""
+        cursor = 0
+        while True:
+            events = await self.supervisor.store.read(self.key, after=cursor, limit=1024)
+            if not events:
+                return
+            for event in events:
+                self._fold(event)
+                cursor = event.seq
+
+    def _fold(self, event: LoggedEvent) -> None:
+        if event.type == RESTARTED:
+            self.text = ""  # a restarted attempt's text replaces the dead attempt's
+            return
+        payload = orjson.loads(event.data)
+        self.text = self.hooks.accumulate(self.text, payload)
+
+    def _lifecycle(self, event_id: str, payload: Mapping[str, Any]) -> NewEvent:
+        return NewEvent.build(event_id, payload, max_bytes=2**31)
+
+    async def _log(self, events: list[NewEvent]) -> None:
+        if self.lost:
+            raise LeaseLost("lease lost")
+        # Shielded: once queued the events may land, and a pump that stopped waiting would
+        # lose track of seqs and text that are in the log (checkpoint = fold of the log).
+        with anyio.CancelScope(shield=True):
+            seqs = await self.supervisor.writer.append(self.key, self.lease, events)
+        fresh: list[LoggedEvent] = []
+        for event, seq in zip(events, seqs, strict=True):
+            if seq > self.last_seq:  # a deduplicated event was logged (and delivered) before
+                fresh.append(LoggedEvent(seq, event.event_id, event.type, event.data))
+                self.last_seq = seq
+        for logged in fresh:
+            self._fold(logged)
+        self.live.publish(fresh)
+        for logged in fresh:
+            await self._on_event(logged)
+
+    async def _on_event(self, event: LoggedEvent) -> None:
+        if self.hooks.on_event is None:
+            return
+        try:
+            await self.hooks.on_event(event)
+        except Exception:
+            logger.exception("on_event hook failed for %s", self.key.execution_id)
+
+    # -- draining the producer -------------------------------------------------------------
+
+    async def _drain(self) -> _Failure | str:
+        limits = self.supervisor.limits
+        send, receive = anyio.create_memory_object_stream[NewEvent | _Failure](
+            limits.producer_buffer
+        )
+        outcome: _Failure | str = "completed"
+        async with anyio.create_task_group() as tg:
+
+            async def watch_cancel() -> None:
+                nonlocal outcome
+                await self._cancel_requested.wait()
+                outcome = "cancelled"
+                tg.cancel_scope.cancel()
+
+            async def log_all() -> None:
+                nonlocal outcome
+                result = await self._log_from(receive)
+                if result is not None:
+                    outcome = result
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch_cancel)
+            tg.start_soon(self._produce, send)
+            tg.start_soon(log_all)
+        return outcome
+
+    async def _log_from(
+        self, receive: MemoryObjectReceiveStream[NewEvent | _Failure]
+    ) -> _Failure | None:
+        async with receive:
+            async for first in receive:
+                batch: list[NewEvent] = []
+                item: NewEvent | _Failure = first
+                while True:
+                    if isinstance(item, _Failure):
+                        if batch:
+                            await self._log(batch)
+                        return item
+                    batch.append(item)
+                    if len(batch) >= 1024:
+                        break
+                    try:
+                        item = receive.receive_nowait()
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                await self._log(batch)
+        return None
+
+    async def _produce(self, send: MemoryObjectSendStream[NewEvent | _Failure]) -> None:
+        hooks, limits = self.hooks, self.supervisor.limits
+        async with send:
+            if hooks.produce is None:
+                await send.send(_Failure("no_producer", "this turn has no producer"))
+                return
+            context = TurnContext(
+                identity=self.identity,
+                execution_id=self.key.execution_id,
+                input=self.input,
+                attempt=self.attempt,
+            )
+            handle_saved = False
+            try:
+                stream = hooks.produce(context)
+                try:
+                    async for item in stream:
+                        self._produced += 1
+                        if self._produced > limits.max_events_per_turn:
+                            await send.send(
+                                _Failure(
+                                    "too_many_events",
+                                    f"the turn produced more than {limits.max_events_per_turn}"
+                                    " events",
+                                )
+                            )
+                            return
+                        if isinstance(item, SupervisedEvent):
+                            if item.handle is not None and not handle_saved:
+                                await self.supervisor.store.set_handle(
+                                    self.key, self.lease, item.handle
+                                )
+                                handle_saved = True
+                            raw_id, payload = item.event_id, item.payload
+                        else:
+                            raw_id, payload = None, item
+                            if isinstance(item, Mapping):
+                                given = item.get("eventId")
+                                raw_id = given if isinstance(given, str) else None
+                        # Scoped by attempt: a restarted attempt never dedups against the
+                        # dead attempt's events.
+                        event_id = f"{self.attempt}.{raw_id or self._produced}"
+                        event = NewEvent.build(
+                            event_id, payload, max_bytes=limits.max_event_bytes
+                        )
+                        if event.terminal:
+                            raise InvalidTurnInput(
+                                f"{event.type!r} is reserved for the pump", field="type"
+                            )
+                        await send.send(event)
+                finally:
+                    aclose = getattr(stream, "aclose", None)
+                    if aclose is not None:
+                        with anyio.CancelScope(shield=True):
+                            await aclose()
+            except PayloadTooLarge as exc:
+                await send.send(_Failure("event_too_large", str(exc)))
+            except InvalidTurnInput as exc:
+                await send.send(_Failure("invalid_event", str(exc)))
+            except LeaseLost:
+                raise
+            except Exception as exc:
+                logger.exception("producer failed for %s", self.key.execution_id)
+                await send.send(
+                    _Failure("producer_error", f"the producer failed: {type(exc).__name__}", True)
+                )
+
+    def _completion(self, status: RunStatus) -> TurnCompletion:
+        return TurnCompletion(
+            identity=self.identity,
+            execution_id=self.key.execution_id,
+            status=status.value,
+            final_text=self.text,
+            attempt=self.attempt,
+            last_seq=self.last_seq,
+        )

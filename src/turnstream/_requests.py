@@ -1,0 +1,81 @@
+"""Reading a chat-turn request body strictly: size limits first, then shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import ClientDisconnect, Request
+
+from ._exceptions import InvalidTurnInput, PayloadTooLarge
+from ._hooks import Limits
+
+__all__ = ["ChatTurnRequest", "read_json_body"]
+
+
+async def read_json_body(request: Request, *, max_bytes: int) -> Any:
+    """The request's JSON body, read incrementally so an oversized body is refused early."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isascii() or not declared.isdigit():
+            raise InvalidTurnInput("malformed Content-Length", field="Content-Length")
+        if int(declared) > max_bytes:
+            raise PayloadTooLarge(f"the body is over {max_bytes} bytes", field="body")
+    content_type = request.headers.get("content-type", "application/json")
+    media = content_type.split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise InvalidTurnInput("the body must be application/json", field="Content-Type")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise PayloadTooLarge(f"the body is over {max_bytes} bytes", field="body")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise InvalidTurnInput("the client left before sending the whole body") from None
+    try:
+        return orjson.loads(b"".join(chunks))
+    except orjson.JSONDecodeError as exc:
+        raise InvalidTurnInput(f"the body is not valid JSON: {exc}", field="body") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTurnRequest:
+    """The common chat body: ``{"sessionId": str, "turnIndex": int, "message": str}``."""
+
+    session_id: str
+    turn_index: int
+    message: str
+
+    @classmethod
+    def from_json(cls, body: Any, *, limits: Limits | None = None) -> ChatTurnRequest:
+        limits = limits or Limits()
+        if not isinstance(body, dict):
+            raise InvalidTurnInput("the body must be a JSON object", field="body")
+        session_id = body.get("sessionId")
+        turn_index = body.get("turnIndex")
+        message = body.get("message")
+        if not isinstance(session_id, str):
+            raise InvalidTurnInput("sessionId must be a string", field="sessionId")
+        if not isinstance(turn_index, int) or isinstance(turn_index, bool):
+            raise InvalidTurnInput("turnIndex must be an integer", field="turnIndex")
+        if turn_index < 0:
+            raise InvalidTurnInput("turnIndex must not be negative", field="turnIndex")
+        if not isinstance(message, str):
+            raise InvalidTurnInput("message must be a string", field="message")
+        if not message.strip():
+            raise InvalidTurnInput("message must not be empty", field="message")
+        if len(message) > limits.max_message_chars:
+            raise PayloadTooLarge(
+                f"message is longer than {limits.max_message_chars} characters", field="message"
+            )
+        return cls(session_id=session_id, turn_index=turn_index, message=message)
+
+    @classmethod
+    async def read(cls, request: Request, *, limits: Limits | None = None) -> ChatTurnRequest:
+        limits = limits or Limits()
+        body = await read_json_body(request, max_bytes=limits.max_body_bytes)
+        return cls.from_json(body, limits=limits)

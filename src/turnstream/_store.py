@@ -1,0 +1,213 @@
+"""The store protocol: one durable record and log per run, every write atomic and fenced.
+
+Two implementations: :class:`~turnstream.MemoryStore` (embedded, tests, demo) and
+:class:`~turnstream.RedisStore` (production). Both pass ``turnstream.testing``'s store
+conformance suite.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import quote
+
+from ._events import LoggedEvent, NewEvent
+from ._exceptions import TurnstreamError
+
+__all__ = [
+    "AppendRequest",
+    "BeginOutcome",
+    "BeginResult",
+    "Lease",
+    "RenewResult",
+    "RunKey",
+    "RunRecord",
+    "RunStatus",
+    "TurnStore",
+]
+
+
+class RunStatus(str, enum.Enum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self is not RunStatus.RUNNING
+
+
+class BeginOutcome(str, enum.Enum):
+    """The five outcomes of :meth:`TurnStore.begin` (DESIGN §4)."""
+
+    FRESH = "fresh"  # no run yet: created, lease taken
+    COMPLETED = "completed"  # run finished: replay
+    LIVE = "live"  # unfinished, lease held by a live owner: join
+    TAKEOVER = "takeover"  # unfinished, lease lapsed: lease taken with a new fencing token
+    MISMATCH = "mismatch"  # same execution id, different input hash: 409
+
+
+@dataclass(frozen=True, slots=True)
+class RunKey:
+    """Names one run: the tenant it belongs to and its execution id."""
+
+    tenant_id: str
+    execution_id: str
+
+    @property
+    def tag(self) -> str:
+        """``<tenant>/<execution id>``: the Redis hash tag body, unique per run.
+
+        The tenant is encoded strictly (no ``/``) so the split is unambiguous; the
+        execution id never contains ``{`` or ``}`` (see ``derive_execution_id``).
+        """
+        return f"{quote(self.tenant_id, safe='-._~')}/{self.execution_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The right to write to a run: ``holder`` plus a fencing ``token`` (both compared)."""
+
+    holder: str
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """A snapshot of a run's durable record (times in the store's clock, ms since the epoch)."""
+
+    key: RunKey
+    status: RunStatus
+    input_hash: str
+    user_id: str
+    attempt: int
+    last_seq: int
+    lease_holder: str | None
+    lease_token: int
+    lease_expires_at_ms: int
+    lease_live: bool  # judged by the store's clock when the snapshot was taken
+    cancel_requested: bool
+    handle: Mapping[str, Any] | None
+    final_text: str | None
+    created_at_ms: int
+    finished_at_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class BeginResult:
+    outcome: BeginOutcome
+    run: RunRecord
+    lease: Lease | None  # set for FRESH and TAKEOVER: the caller now owns the run
+
+
+@dataclass(frozen=True, slots=True)
+class RenewResult:
+    cancel_requested: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AppendRequest:
+    key: RunKey
+    lease: Lease
+    events: Sequence[NewEvent]
+
+
+class TurnStore(Protocol):
+    """Durable runs and their logs. Every write is atomic; every run write is fenced by a lease.
+
+    ``retention_ms`` (a constructor setting of each store) is how long a finished run is kept.
+    """
+
+    async def begin(
+        self, key: RunKey, *, input_hash: str, user_id: str, holder: str, lease_ms: int
+    ) -> BeginResult:
+        """Atomically classify a turn request (DESIGN §4) and, when FRESH or TAKEOVER, lease it.
+
+        A TAKEOVER increments the fencing token; from then on the previous holder's writes
+        raise :class:`LeaseLost`.
+        """
+        ...
+
+    async def append(self, key: RunKey, lease: Lease, events: Sequence[NewEvent]) -> list[int]:
+        """Append events in order; return their seqs.
+
+        An ``eventId`` already in the log is not written again: its existing seq is returned.
+        Raises :class:`LeaseLost` if ``lease`` is not the current one (nothing is written),
+        :class:`RunFinished` if the run already has its terminal event, ``ValueError`` for a
+        terminal event (use :meth:`finish`).
+        """
+        ...
+
+    async def append_batch(
+        self, requests: Sequence[AppendRequest]
+    ) -> list[list[int] | TurnstreamError]:
+        """Several appends, possibly to different runs, in one round trip where the store can.
+
+        Each request is atomic on its own and fails on its own: the result for a request is
+        its seqs or the error it would have raised.
+        """
+        ...
+
+    async def read(self, key: RunKey, *, after: int = 0, limit: int = 512) -> list[LoggedEvent]:
+        """Logged events with ``seq > after``, oldest first, at most ``limit``."""
+        ...
+
+    async def follow(
+        self, key: RunKey, *, after: int, block_ms: int, limit: int = 512
+    ) -> list[LoggedEvent]:
+        """Like :meth:`read`, but wait up to ``block_ms`` for an event when none is there yet."""
+        ...
+
+    async def renew(self, key: RunKey, lease: Lease, *, lease_ms: int) -> RenewResult:
+        """Extend the lease to now + ``lease_ms``; report whether a cancel was requested."""
+        ...
+
+    async def set_handle(self, key: RunKey, lease: Lease, handle: Mapping[str, Any]) -> None:
+        """Persist the run handle a fresh supervisor re-attaches by (fenced)."""
+        ...
+
+    async def restart(self, key: RunKey, lease: Lease) -> int:
+        """Start a new attempt of the run (fenced); return the new attempt number."""
+        ...
+
+    async def request_cancel(self, key: RunKey) -> bool:
+        """Raise the run's cancel flag; True if the run exists and is unfinished."""
+        ...
+
+    async def finish(
+        self,
+        key: RunKey,
+        lease: Lease,
+        *,
+        status: RunStatus,
+        terminal: NewEvent,
+        final_text: str | None,
+    ) -> int:
+        """Atomically checkpoint the final text, append the terminal event, release the lease
+        and start the retention clock. Return the terminal event's seq.
+
+        Retrying a finish with the same lease returns the same seq.
+        """
+        ...
+
+    async def release(self, key: RunKey, lease: Lease) -> None:
+        """Let the lease lapse now (graceful shutdown) so another worker can take over at once.
+
+        A lease that is no longer current is ignored.
+        """
+        ...
+
+    async def get_run(self, key: RunKey) -> RunRecord | None:
+        """The run's record, or None when there is none (or it expired)."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise :class:`StoreUnavailable` when the store cannot be reached."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections; the store is unusable afterwards."""
+        ...

@@ -1,0 +1,288 @@
+"""An in-process store: the embedded default for the demo, tests and single-worker apps.
+
+Every method runs without an ``await`` between its checks and its writes, so on one event loop
+each is atomic exactly like a Lua script on Redis.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from .._events import LoggedEvent, NewEvent
+from .._exceptions import LeaseLost, RunFinished, TurnstreamError
+from .._store import (
+    AppendRequest,
+    BeginOutcome,
+    BeginResult,
+    Lease,
+    RenewResult,
+    RunKey,
+    RunRecord,
+    RunStatus,
+)
+
+__all__ = ["MemoryStore"]
+
+DEFAULT_RETENTION_MS = 24 * 3600 * 1000
+
+
+def _wall_clock_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class _Run:
+    key: RunKey
+    input_hash: str
+    user_id: str
+    created_at_ms: int
+    status: RunStatus = RunStatus.RUNNING
+    attempt: int = 1
+    lease_holder: str | None = None
+    lease_token: int = 0
+    lease_expires_at_ms: int = 0
+    cancel_requested: bool = False
+    handle: Mapping[str, Any] | None = None
+    final_text: str | None = None
+    finished_at_ms: int | None = None
+    finished_by: Lease | None = None
+    expires_at_ms: int | None = None
+    log: list[LoggedEvent] = field(default_factory=list)
+    ids: dict[str, int] = field(default_factory=dict)
+    # Replaced on every append; followers wait on the one current when they looked.
+    changed: anyio.Event = field(default_factory=anyio.Event)
+
+
+class MemoryStore:
+    """A :class:`~turnstream.TurnStore` held in this process's memory.
+
+    ``clock`` returns the store's time in ms since the epoch; tests pass a fake one to let
+    leases lapse without sleeping.
+    """
+
+    def __init__(
+        self,
+        *,
+        retention_ms: int = DEFAULT_RETENTION_MS,
+        clock: Callable[[], int] = _wall_clock_ms,
+    ) -> None:
+        self.retention_ms = retention_ms
+        self._clock = clock
+        self._runs: dict[RunKey, _Run] = {}
+        self._closed = False
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _get(self, key: RunKey) -> _Run | None:
+        run = self._runs.get(key)
+        if run is not None and run.expires_at_ms is not None and run.expires_at_ms <= self._clock():
+            del self._runs[key]
+            return None
+        return run
+
+    def _fenced(self, key: RunKey, lease: Lease) -> _Run:
+        run = self._get(key)
+        if run is not None and run.status.finished and run.finished_by == lease:
+            raise RunFinished(f"run {key.execution_id} is finished")
+        if run is None or run.lease_holder != lease.holder or run.lease_token != lease.token:
+            raise LeaseLost(f"lease on {key.execution_id} is not held by {lease.holder}")
+        return run
+
+    def _record(self, run: _Run) -> RunRecord:
+        now = self._clock()
+        return RunRecord(
+            key=run.key,
+            status=run.status,
+            input_hash=run.input_hash,
+            user_id=run.user_id,
+            attempt=run.attempt,
+            last_seq=len(run.log),
+            lease_holder=run.lease_holder,
+            lease_token=run.lease_token,
+            lease_expires_at_ms=run.lease_expires_at_ms,
+            lease_live=run.lease_holder is not None and run.lease_expires_at_ms > now,
+            cancel_requested=run.cancel_requested,
+            handle=dict(run.handle) if run.handle is not None else None,
+            final_text=run.final_text,
+            created_at_ms=run.created_at_ms,
+            finished_at_ms=run.finished_at_ms,
+        )
+
+    def _wake(self, run: _Run) -> None:
+        run.changed.set()
+        run.changed = anyio.Event()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("store is closed")
+
+    # -- protocol --------------------------------------------------------------------------
+
+    async def begin(
+        self, key: RunKey, *, input_hash: str, user_id: str, holder: str, lease_ms: int
+    ) -> BeginResult:
+        self._check_open()
+        now = self._clock()
+        run = self._get(key)
+        if run is None:
+            run = _Run(key=key, input_hash=input_hash, user_id=user_id, created_at_ms=now)
+            run.lease_holder, run.lease_token = holder, 1
+            run.lease_expires_at_ms = now + lease_ms
+            self._runs[key] = run
+            return BeginResult(BeginOutcome.FRESH, self._record(run), Lease(holder, 1))
+        if run.input_hash != input_hash:
+            return BeginResult(BeginOutcome.MISMATCH, self._record(run), None)
+        if run.status.finished:
+            return BeginResult(BeginOutcome.COMPLETED, self._record(run), None)
+        if run.lease_holder is not None and run.lease_expires_at_ms > now:
+            return BeginResult(BeginOutcome.LIVE, self._record(run), None)
+        run.lease_holder = holder
+        run.lease_token += 1
+        run.lease_expires_at_ms = now + lease_ms
+        return BeginResult(
+            BeginOutcome.TAKEOVER, self._record(run), Lease(holder, run.lease_token)
+        )
+
+    def _append_now(self, key: RunKey, lease: Lease, events: Sequence[NewEvent]) -> list[int]:
+        for event in events:
+            if event.terminal:
+                raise ValueError("terminal events are written by finish(), not append()")
+        run = self._fenced(key, lease)
+        seqs: list[int] = []
+        appended = False
+        for event in events:
+            seq = run.ids.get(event.event_id)
+            if seq is None:
+                seq = len(run.log) + 1
+                run.log.append(LoggedEvent(seq, event.event_id, event.type, event.data))
+                run.ids[event.event_id] = seq
+                appended = True
+            seqs.append(seq)
+        if appended:
+            self._wake(run)
+        return seqs
+
+    async def append(self, key: RunKey, lease: Lease, events: Sequence[NewEvent]) -> list[int]:
+        self._check_open()
+        return self._append_now(key, lease, events)
+
+    async def append_batch(
+        self, requests: Sequence[AppendRequest]
+    ) -> list[list[int] | TurnstreamError]:
+        self._check_open()
+        results: list[list[int] | TurnstreamError] = []
+        for request in requests:
+            try:
+                results.append(self._append_now(request.key, request.lease, request.events))
+            except TurnstreamError as exc:
+                results.append(exc)
+        return results
+
+    async def read(self, key: RunKey, *, after: int = 0, limit: int = 512) -> list[LoggedEvent]:
+        self._check_open()
+        run = self._get(key)
+        if run is None:
+            return []
+        start = max(after, 0)
+        return run.log[start : start + limit]
+
+    async def follow(
+        self, key: RunKey, *, after: int, block_ms: int, limit: int = 512
+    ) -> list[LoggedEvent]:
+        self._check_open()
+        events = await self.read(key, after=after, limit=limit)
+        if events or block_ms <= 0:
+            return events
+        run = self._get(key)
+        if run is None or run.status.finished:
+            return events
+        with anyio.move_on_after(block_ms / 1000):
+            await run.changed.wait()
+        return await self.read(key, after=after, limit=limit)
+
+    async def renew(self, key: RunKey, lease: Lease, *, lease_ms: int) -> RenewResult:
+        self._check_open()
+        run = self._fenced(key, lease)
+        run.lease_expires_at_ms = self._clock() + lease_ms
+        return RenewResult(cancel_requested=run.cancel_requested)
+
+    async def set_handle(self, key: RunKey, lease: Lease, handle: Mapping[str, Any]) -> None:
+        self._check_open()
+        run = self._fenced(key, lease)
+        run.handle = dict(handle)
+
+    async def restart(self, key: RunKey, lease: Lease) -> int:
+        self._check_open()
+        run = self._fenced(key, lease)
+        run.attempt += 1
+        return run.attempt
+
+    async def request_cancel(self, key: RunKey) -> bool:
+        self._check_open()
+        run = self._get(key)
+        if run is None or run.status.finished:
+            return False
+        run.cancel_requested = True
+        return True
+
+    async def finish(
+        self,
+        key: RunKey,
+        lease: Lease,
+        *,
+        status: RunStatus,
+        terminal: NewEvent,
+        final_text: str | None,
+    ) -> int:
+        self._check_open()
+        if not status.finished or not terminal.terminal:
+            raise ValueError("finish() takes a terminal status and a terminal event")
+        run = self._get(key)
+        if run is not None and run.status.finished and run.finished_by == lease:
+            return len(run.log)  # a retried finish: same answer, nothing written
+        run = self._fenced(key, lease)
+        now = self._clock()
+        seq = len(run.log) + 1
+        run.log.append(LoggedEvent(seq, terminal.event_id, terminal.type, terminal.data))
+        run.status = status
+        run.final_text = final_text
+        run.finished_at_ms = now
+        run.finished_by = lease
+        run.lease_holder = None
+        run.lease_expires_at_ms = 0
+        run.expires_at_ms = now + self.retention_ms
+        run.ids.clear()  # nothing is appended after the terminal event
+        self._wake(run)
+        return seq
+
+    async def release(self, key: RunKey, lease: Lease) -> None:
+        self._check_open()
+        run = self._get(key)
+        if run is None or run.lease_holder != lease.holder or run.lease_token != lease.token:
+            return
+        run.lease_expires_at_ms = 0
+        self._wake(run)
+
+    async def get_run(self, key: RunKey) -> RunRecord | None:
+        self._check_open()
+        run = self._get(key)
+        return None if run is None else self._record(run)
+
+    async def ping(self) -> None:
+        self._check_open()
+
+    async def aclose(self) -> None:
+        self._closed = True
+
+    # -- testing aids ----------------------------------------------------------------------
+
+    def expire_lease(self, key: RunKey) -> None:
+        """Make a run's lease lapse now, as if its owner died (tests and chaos drills)."""
+        run = self._get(key)
+        if run is not None:
+            run.lease_expires_at_ms = 0
