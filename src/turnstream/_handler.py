@@ -157,7 +157,7 @@ def stream_run(
         body=_frames(read_run(supervisor, key, after=after), fmt, key.execution_id),
         execution_id=key.execution_id,
         mode=mode,
-        keepalive=b": keep-alive\n\n" if fmt is StreamFormat.SSE else None,
+        keepalive=fmt.keepalive,
         keepalive_s=limits.keepalive_s,
         send_timeout_s=limits.send_timeout_s,
     )

@@ -75,9 +75,9 @@ class Supervisor:
         self._idle.set()
         self._tg: TaskGroup | None = None
         self._closing = False
-        self._lazy_stop: anyio.Event | None = None
-        self._lazy_done: anyio.Event | None = None
-        self._lazy_task: asyncio.Task[None] | None = None
+        self._serving: tuple[anyio.Event, anyio.Event] | None = None
+        self._serve_task: asyncio.Task[None] | None = None
+        self._start_lock = anyio.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -86,9 +86,45 @@ class Supervisor:
         return self._tg is not None
 
     async def start(self) -> None:
-        """Start in the current task; :meth:`aclose` must be awaited in the same task."""
-        if self._tg is not None:
+        """Start the writer, the heartbeat and the pumps' task group.
+
+        On asyncio they run in a background task of their own, so :meth:`aclose` may be
+        awaited from any task (lifespan handlers and test fixtures often start and stop in
+        different tasks). On other event loops, start and close in the same task.
+        """
+        if self._tg is not None or self._serving is not None:
             raise RuntimeError("the supervisor is already started")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            await self._enter()
+            return
+        ready, stop, done = anyio.Event(), anyio.Event(), anyio.Event()
+        failure: list[BaseException] = []
+
+        async def serve() -> None:
+            try:
+                await self._enter()
+            except BaseException as exc:
+                failure.append(exc)
+                ready.set()
+                done.set()
+                raise
+            ready.set()
+            try:
+                await stop.wait()
+                await self._shutdown()
+            finally:
+                done.set()
+
+        self._serving = (stop, done)
+        self._serve_task = loop.create_task(serve(), name=f"turnstream-supervisor-{self.worker_id}")
+        await ready.wait()
+        if failure:
+            self._serving = None
+            raise failure[0]
+
+    async def _enter(self) -> None:
         self._closing = False
         tg = anyio.create_task_group()
         await tg.__aenter__()
@@ -102,42 +138,21 @@ class Supervisor:
         self._tg = tg
 
     async def ensure_started(self) -> None:
-        """Start in the background when no lifespan started us (asyncio only)."""
-        if self._tg is not None or self._lazy_done is not None:
-            while self._tg is None and self._lazy_done is not None and not self._lazy_done.is_set():
-                await anyio.sleep(0)
+        """Start on first use when no lifespan started the supervisor."""
+        if self._tg is not None:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            raise RuntimeError(
-                "start the supervisor explicitly (async with supervisor: …)"
-            ) from None
-        ready = anyio.Event()
-        self._lazy_stop, self._lazy_done = anyio.Event(), anyio.Event()
-        stop, done = self._lazy_stop, self._lazy_done
-
-        async def serve() -> None:
-            try:
+        async with self._start_lock:
+            if self._tg is None:
                 await self.start()
-                ready.set()
-                await stop.wait()
-                await self._shutdown()
-            finally:
-                ready.set()
-                done.set()
-
-        self._lazy_task = loop.create_task(serve())
-        await ready.wait()
-        if self._tg is None:
-            raise RuntimeError("the supervisor failed to start")
 
     async def aclose(self) -> None:
         """Drain for ``shutdown_grace_s``, then release the leases of what is still running."""
-        if self._lazy_stop is not None and self._lazy_done is not None:
-            self._lazy_stop.set()
-            await self._lazy_done.wait()
-            self._lazy_stop = self._lazy_done = None
+        if self._serving is not None:
+            stop, done = self._serving
+            stop.set()
+            await done.wait()
+            self._serving = None
+            self._serve_task = None
             return
         await self._shutdown()
 

@@ -1,0 +1,161 @@
+"""RFC 9457 problem documents: how an error before the stream starts reaches the client.
+
+Once a turn's stream has started, errors are in-band (``error`` + ``session.run.failed``);
+everything here is for the moment before, when an HTTP status can still say what went wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+import orjson
+from starlette.responses import Response
+
+from ._exceptions import (
+    InvalidTurnInput,
+    PayloadTooLarge,
+    RunNotFound,
+    StoreUnavailable,
+    TurnInputMismatch,
+)
+
+__all__ = [
+    "PROBLEM_MEDIA_TYPE",
+    "PROBLEM_TYPE_BASE",
+    "ProblemResponse",
+    "problem_body",
+    "problem_for_exception",
+]
+
+PROBLEM_MEDIA_TYPE: Final = "application/problem+json"
+
+# One stable URI per problem kind, so a client can branch on `type` rather than on the
+# wording of `title`. Every problem turnstream itself raises gets one of these; `about:blank`
+# stays the default of `problem_body` for an app's own plain-HTTP problems (RFC 9457 §4.2.1).
+PROBLEM_TYPE_BASE: Final = "https://turnstream.dev/problems/"
+
+# A store outage is usually a failover or a restart: seconds, not minutes.
+DEFAULT_RETRY_AFTER: Final = 1
+
+
+def problem_body(
+    status: int,
+    title: str,
+    detail: str | None = None,
+    *,
+    type: str = "about:blank",
+    **extensions: Any,
+) -> bytes:
+    """The JSON of one problem document: ``type``, ``title``, ``status``, ``detail``, extensions.
+
+    ``detail`` is left out when ``None``. ``status`` repeats the HTTP status (RFC 9457 §3.1.2).
+    Extensions come after the standard members; they cannot replace ``type``, ``title``,
+    ``status`` or ``detail`` (Python binds those names to the parameters).
+    """
+    document: dict[str, Any] = {"type": type, "title": title, "status": status}
+    if detail is not None:
+        document["detail"] = detail
+    document.update(extensions)
+    return orjson.dumps(document)
+
+
+class ProblemResponse(Response):
+    """A problem document as a Starlette response (``application/problem+json``)."""
+
+    media_type = PROBLEM_MEDIA_TYPE
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str | None = None,
+        *,
+        type: str = "about:blank",
+        retry_after: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
+        merged: dict[str, str] = dict(headers or {})
+        if retry_after is not None:
+            # Only the delay-seconds form: an HTTP-date needs a clock the client may not share.
+            if not isinstance(retry_after, int) or isinstance(retry_after, bool) or retry_after < 0:
+                raise ValueError(f"retry_after must be a non-negative integer, got {retry_after!r}")
+            merged["Retry-After"] = str(retry_after)
+        super().__init__(
+            problem_body(status, title, detail, type=type, **extensions),
+            status_code=status,
+            headers=merged,
+        )
+        # An error about one tenant's turn must not be served from a shared cache to another;
+        # set after init_headers so a caller-given Cache-Control (any spelling) is kept.
+        self.headers.setdefault("Cache-Control", "no-store")
+
+
+def _problem_type(slug: str) -> str:
+    return PROBLEM_TYPE_BASE + slug
+
+
+def problem_for_exception(
+    exc: BaseException, *, retry_after: int = DEFAULT_RETRY_AFTER
+) -> ProblemResponse:
+    """Translate an error raised before the stream started into its problem response.
+
+    ==================== ====== =====================================================
+    exception            status detail
+    ==================== ====== =====================================================
+    PayloadTooLarge      413    the message (written for the client), ``field``
+    InvalidTurnInput     400    the message (written for the client), ``field``
+    TurnInputMismatch    409    fixed
+    RunNotFound          404    fixed: an unknown run and another tenant's run answer
+                                byte for byte alike
+    StoreUnavailable     503    fixed, with ``Retry-After: retry_after``
+    anything else        500    fixed: internals never reach the client
+    ==================== ====== =====================================================
+
+    Logging a 500's cause is the caller's job: it knows the request.
+    """
+    # PayloadTooLarge is an InvalidTurnInput and StoreUnavailable a StoreError: the more
+    # specific class is tested first.
+    if isinstance(exc, PayloadTooLarge):
+        return _input_problem(exc, 413, "Payload too large", "payload-too-large")
+    if isinstance(exc, InvalidTurnInput):
+        return _input_problem(exc, 400, "Invalid turn input", "invalid-input")
+    if isinstance(exc, TurnInputMismatch):
+        return ProblemResponse(
+            409,
+            "Turn input mismatch",
+            "This turn already exists with a different input; it is neither replayed nor "
+            "produced again.",
+            type=_problem_type("input-mismatch"),
+        )
+    if isinstance(exc, RunNotFound):
+        return ProblemResponse(
+            404,
+            "Run not found",
+            "No run with this execution id is visible to you.",
+            type=_problem_type("run-not-found"),
+        )
+    if isinstance(exc, StoreUnavailable):
+        return ProblemResponse(
+            503,
+            "Store unavailable",
+            "The turn store cannot be reached right now; retry later.",
+            type=_problem_type("store-unavailable"),
+            retry_after=retry_after,
+        )
+    # One fixed text for every other TurnstreamError and for anything unexpected alike: even
+    # the class name would tell a client something about the internals.
+    return ProblemResponse(
+        500,
+        "Internal error",
+        "The turn could not be started because of an internal error.",
+        type=_problem_type("internal-error"),
+    )
+
+
+def _input_problem(exc: InvalidTurnInput, status: int, title: str, slug: str) -> ProblemResponse:
+    extensions: dict[str, Any] = {}
+    if exc.field is not None:
+        extensions["field"] = exc.field
+    return ProblemResponse(status, title, str(exc), type=_problem_type(slug), **extensions)

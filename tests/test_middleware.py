@@ -1,0 +1,206 @@
+"""TurnstreamMiddleware: lifespan, the turn routes, tenant isolation, pass-through."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from tests._helpers import WordProducer, ndjson, text_of
+from turnstream import (
+    ChatTurnRequest,
+    MemoryStore,
+    Principal,
+    Supervisor,
+    TurnIdentity,
+    TurnstreamError,
+    TurnstreamMiddleware,
+    handle_chat_turn,
+)
+from turnstream._problems import problem_for_exception
+
+
+def principal_of(request: Request) -> Principal:
+    return Principal(request.headers.get("x-tenant", "t1"), request.headers.get("x-user", "u1"))
+
+
+def build_app(supervisor: Supervisor, producer: WordProducer) -> TurnstreamMiddleware:
+    async def chat(request: Request) -> Any:
+        try:
+            body = await ChatTurnRequest.read(request)
+        except TurnstreamError as exc:
+            return problem_for_exception(exc)
+        who = principal_of(request)
+        identity = TurnIdentity(who.tenant_id, "proj", body.session_id, who.user_id,
+                                body.turn_index)
+        return await handle_chat_turn(
+            identity,
+            {"message": body.message},
+            supervisor=supervisor,
+            produce=producer,
+            format=request.query_params.get("format"),
+            accept=request.headers.get("accept"),
+        )
+
+    async def hello(request: Request) -> Response:
+        return PlainTextResponse("app")
+
+    app = Starlette(routes=[Route("/chat", chat, methods=["POST"]), Route("/hello", hello),
+                            Route("/turns", hello)])
+    return TurnstreamMiddleware(app, supervisor=supervisor, authorize=principal_of)
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[tuple[httpx.AsyncClient, Supervisor, WordProducer]]:
+    supervisor = Supervisor(MemoryStore(), lease_ms=2000)
+    producer = WordProducer(words=6, delay=0.005)
+    app = build_app(supervisor, producer)
+    async with supervisor, httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        yield client, supervisor, producer
+
+
+async def finished_turn(client: httpx.AsyncClient, **headers: str) -> list[dict[str, Any]]:
+    response = await client.post(
+        "/chat", json={"sessionId": "s1", "turnIndex": 0, "message": "hi"}, headers=headers
+    )
+    assert response.status_code == 200, response.text
+    return ndjson(response.content)
+
+
+async def test_pass_through_for_other_routes(env: Any) -> None:
+    client, _, _ = env
+    assert (await client.get("/hello")).text == "app"
+    assert (await client.get("/turns")).text == "app"
+    assert (await client.get("/turns/a:b:0/unknown")).status_code == 404
+
+
+async def test_resume_route_replays_after_the_cursor(env: Any) -> None:
+    client, _, producer = env
+    events = await finished_turn(client)
+    response = await client.get("/turns/proj:s1:0/stream", headers={"Last-Event-ID": "3"})
+    assert response.status_code == 200
+    assert response.headers["x-turn-mode"] == "replayed"
+    assert response.headers["cache-control"] == "no-store"
+    assert ndjson(response.content) == events[3:]
+    by_query = await client.get("/turns/proj:s1:0/stream?after=5")
+    assert ndjson(by_query.content) == events[5:]
+    sse = await client.get("/turns/proj:s1:0/stream", headers={"Accept": "text/event-stream"})
+    assert sse.headers["content-type"].startswith("text/event-stream")
+    assert sse.text.count("\n\n") == len(events)
+    assert producer.calls == 1
+
+
+async def test_resume_route_is_204_for_unknown_and_other_tenants(env: Any) -> None:
+    client, _, _ = env
+    await finished_turn(client)
+    assert (await client.get("/turns/proj:nope:0/stream")).status_code == 204
+    other_tenant = await client.get("/turns/proj:s1:0/stream", headers={"x-tenant": "t2"})
+    assert other_tenant.status_code == 204
+    other_user = await client.get("/turns/proj:s1:0/stream", headers={"x-user": "u2"})
+    assert other_user.status_code == 204
+
+
+async def test_status_route(env: Any) -> None:
+    client, _, producer = env
+    events = await finished_turn(client)
+    status = (await client.get("/turns/proj:s1:0")).json()
+    assert status["status"] == "completed"
+    assert status["lastSeq"] == len(events)
+    assert status["finalText"] == text_of(events) == producer.expected_text()
+    unknown = await client.get("/turns/proj:s1:9")
+    assert unknown.status_code == 404
+    assert unknown.headers["content-type"] == "application/problem+json"
+    assert (await client.get("/turns/proj:s1:0", headers={"x-tenant": "t2"})).status_code == 404
+
+
+async def test_cancel_route_needs_json_and_is_idempotent(env: Any) -> None:
+    client, _, producer = env
+    producer.gate = anyio.Event()  # the turn parks after two words until cancelled
+    results: list[httpx.Response] = []
+
+    async def post_turn() -> None:
+        # httpx's ASGITransport hands the response over only once it is complete.
+        results.append(
+            await client.post("/chat", json={"sessionId": "s1", "turnIndex": 0, "message": "hi"})
+        )
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(post_turn)
+        with anyio.fail_after(5):
+            while (await client.get("/turns/proj:s1:0")).status_code != 200:
+                await anyio.sleep(0.01)
+        form = await client.post("/turns/proj:s1:0/cancel", data={"x": "1"})
+        assert form.status_code == 415
+        assert form.headers["content-type"] == "application/problem+json"
+        other = await client.post("/turns/proj:s1:0/cancel", json={}, headers={"x-tenant": "t2"})
+        assert other.status_code == 404
+        assert (await client.get("/turns/proj:s1:0")).json()["status"] == "running"
+        accepted = await client.post("/turns/proj:s1:0/cancel", json={})
+        assert accepted.status_code == 202
+        assert accepted.json()["cancelRequested"] is True
+    events = ndjson(results[0].content)
+    assert events[-1]["type"] == "session.run.cancelled"
+    # The checkpoint is the fold of what was logged before the cancel landed.
+    assert events[-1]["finalText"] == text_of(events)
+    assert producer.closed == 1
+    again = await client.post("/turns/proj:s1:0/cancel", json={})
+    assert again.status_code == 202
+    assert again.json()["status"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status"),
+    [
+        ("GET", "/turns/not-an-id/stream", {}, 400),
+        ("GET", "/turns/a:b:01/stream", {}, 400),
+        ("GET", "/turns/a%3ab:c:0/stream", {}, 400),
+        ("GET", "/turns/proj:s1:0/stream", {"Last-Event-ID": "-1"}, 400),
+        ("GET", "/turns/proj:s1:0/stream", {"Last-Event-ID": "1e3"}, 400),
+        ("GET", "/turns/proj:s1:0/stream?after=x", {}, 400),
+        ("GET", "/turns/proj:s1:0/stream?format=xml", {}, 400),
+        ("POST", "/turns/proj:s1:0/stream", {}, 405),
+        ("GET", "/turns/proj:s1:0/cancel", {}, 405),
+        ("DELETE", "/turns/proj:s1:0", {}, 405),
+    ],
+)
+async def test_bad_route_input_is_a_problem_document(
+    env: Any, method: str, path: str, headers: dict[str, str], status: int
+) -> None:
+    client, _, _ = env
+    response = await client.request(method, path, headers=headers)
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["status"] == status
+
+
+async def test_lifespan_starts_and_stops_the_supervisor() -> None:
+    supervisor = Supervisor(MemoryStore(), lease_ms=2000)
+    app = build_app(supervisor, WordProducer())
+    sent: list[dict[str, Any]] = []
+    messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    started_during_startup: list[bool] = []
+
+    async def receive() -> dict[str, Any]:
+        if sent:
+            started_during_startup.append(supervisor.started)
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+    assert [m["type"] for m in sent] == [
+        "lifespan.startup.complete",
+        "lifespan.shutdown.complete",
+    ]
+    assert started_during_startup == [True]
+    assert not supervisor.started
