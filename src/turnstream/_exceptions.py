@@ -67,7 +67,11 @@ class StoreUnavailable(StoreError):
 
 
 class LeaseLost(TurnstreamError):
-    """The writer's lease was taken over (or released): its write did not land."""
+    """The writer's lease was taken over by another writer: its write did not land.
+
+    A lease that merely lapsed (or was released) fences nothing until someone takes the run
+    over: until then no other writer exists, so the old holder's writes are still safe.
+    """
 
 
 class RunFinished(TurnstreamError):

@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 
-class RunStatus(str, enum.Enum):
+class RunStatus(enum.StrEnum):
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -40,7 +40,7 @@ class RunStatus(str, enum.Enum):
         return self is not RunStatus.RUNNING
 
 
-class BeginOutcome(str, enum.Enum):
+class BeginOutcome(enum.StrEnum):
     """The five outcomes of :meth:`TurnStore.begin` (DESIGN §4)."""
 
     FRESH = "fresh"  # no run yet: created, lease taken

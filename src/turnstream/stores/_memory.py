@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import orjson
 
 from .._events import LoggedEvent, NewEvent
 from .._exceptions import LeaseLost, RunFinished, TurnstreamError
@@ -107,7 +108,7 @@ class MemoryStore:
             lease_expires_at_ms=run.lease_expires_at_ms,
             lease_live=run.lease_holder is not None and run.lease_expires_at_ms > now,
             cancel_requested=run.cancel_requested,
-            handle=dict(run.handle) if run.handle is not None else None,
+            handle=orjson.loads(orjson.dumps(run.handle)) if run.handle is not None else None,
             final_text=run.final_text,
             created_at_ms=run.created_at_ms,
             finished_at_ms=run.finished_at_ms,
@@ -213,8 +214,11 @@ class MemoryStore:
 
     async def set_handle(self, key: RunKey, lease: Lease, handle: Mapping[str, Any]) -> None:
         self._check_open()
+        # A serialised copy, like Redis keeps: the caller's dict may change afterwards, and a
+        # handle that is not JSON must fail here rather than at takeover time.
+        data = orjson.dumps(dict(handle))
         run = self._fenced(key, lease)
-        run.handle = dict(handle)
+        run.handle = orjson.loads(data)
 
     async def restart(self, key: RunKey, lease: Lease) -> int:
         self._check_open()

@@ -1,0 +1,6 @@
+"""The Redis store (DESIGN §7): ``RedisStore`` and the ``RedisSettings`` its ``from_url`` uses."""
+
+from ._settings import RedisSettings
+from ._store import RedisStore
+
+__all__ = ["RedisSettings", "RedisStore"]

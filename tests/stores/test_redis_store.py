@@ -1,0 +1,559 @@
+"""What only the Redis store has: its key layout, stream ids, TTLs, bytes, errors and blocking.
+
+The shared semantics are the conformance suite's (test_conformance.py). Each test here runs
+on fakeredis and on the session's throwaway redis-server, never on the shared one on 6379.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import fakeredis
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from redis import exceptions as rx
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+
+from turnstream._events import LoggedEvent, NewEvent
+from turnstream._exceptions import LeaseLost, StoreError, StoreUnavailable
+from turnstream._identity import derive_execution_id
+from turnstream._store import AppendRequest, BeginOutcome, Lease, RunKey, RunStatus
+from turnstream.stores import RedisSettings, RedisStore
+
+
+@dataclass
+class Backend:
+    """Makes clients of one Redis (fake or real) and closes them after the test."""
+
+    name: str
+    url: str | None = None
+    server: fakeredis.FakeServer | None = None
+    clients: list[aioredis.Redis] = field(default_factory=list)
+    prefix: str = field(default_factory=lambda: f"turnstream-test-{uuid.uuid4().hex[:12]}")
+
+    def client(self, **kwargs: Any) -> aioredis.Redis:
+        if self.server is not None:
+            made: aioredis.Redis = fakeredis.FakeAsyncRedis(server=self.server, **kwargs)
+        else:
+            assert self.url is not None
+            made = aioredis.Redis.from_url(self.url, **kwargs)
+        self.clients.append(made)
+        return made
+
+    def store(self, **kwargs: Any) -> RedisStore:
+        kwargs.setdefault("prefix", self.prefix)
+        return RedisStore(self.client(), blocking_client=self.client(), **kwargs)
+
+
+@pytest.fixture(params=["fakeredis", pytest.param("redis", marks=pytest.mark.redis)])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    if request.param == "fakeredis":
+        made = Backend("fakeredis", server=fakeredis.FakeServer())
+    else:
+        made = Backend("redis", url=request.getfixturevalue("redis_server").url)
+    try:
+        yield made
+    finally:
+        for client in made.clients:
+            await client.aclose()
+
+
+def event(event_id: str, event_type: str = "text-delta", **fields: Any) -> NewEvent:
+    return NewEvent.build(event_id, {"type": event_type, **fields})
+
+
+def new_key(tenant_id: str = "acme") -> RunKey:
+    return RunKey(tenant_id, derive_execution_id("project", f"s-{uuid.uuid4().hex}", 1))
+
+
+async def begin(store: RedisStore, key: RunKey, holder: str = "w1") -> Lease:
+    result = await store.begin(key, input_hash="h", user_id="u", holder=holder, lease_ms=60_000)
+    assert result.lease is not None
+    return result.lease
+
+
+def closed_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- key layout ------------------------------------------------------------------------------
+
+
+async def test_keys_of_a_run_share_one_hash_tag_and_slot(backend: Backend) -> None:
+    store = backend.store()
+    # Braces and slashes in the identity must neither break nor move the tag.
+    key = RunKey("tenant/{odd}", derive_execution_id("p{1}", "s}/:x", 7))
+    lease = await begin(store, key)
+    await store.append(key, lease, [event("a")])
+    raw = backend.client()
+
+    tag = key.tag
+    names = {s: f"{backend.prefix}:{{{tag}}}:{s}".encode() for s in ("run", "log", "ids")}
+    assert "{" not in tag and "}" not in tag
+    assert await raw.type(names["run"]) == b"hash"
+    assert await raw.type(names["log"]) == b"stream"
+    assert await raw.type(names["ids"]) == b"hash"
+    assert await raw.hgetall(names["ids"]) == {b"a": b"1"}
+    assert len({key_slot(name) for name in names.values()}) == 1
+    # Nothing else was written under this prefix.
+    assert sorted(await raw.keys(f"{backend.prefix}:*")) == sorted(names.values())
+
+
+async def test_runs_of_other_tenants_and_turns_get_other_keys(backend: Backend) -> None:
+    store = backend.store()
+    execution_id = derive_execution_id("p", f"s-{uuid.uuid4().hex}", 1)
+    first, second = RunKey("a", execution_id), RunKey("b", execution_id)
+    await begin(store, first)
+    assert (
+        await store.begin(second, input_hash="other", user_id="u", holder="w", lease_ms=1000)
+    ).outcome is BeginOutcome.FRESH
+
+
+def test_prefix_may_not_hold_a_brace() -> None:
+    client = fakeredis.FakeAsyncRedis()
+    with pytest.raises(ValueError, match="prefix"):
+        RedisStore(client, prefix="app{1}")
+    with pytest.raises(ValueError, match="prefix"):
+        RedisSettings.from_url("redis://localhost", prefix="")
+
+
+def test_decoding_clients_are_refused() -> None:
+    with pytest.raises(ValueError, match="decode_responses=False"):
+        RedisStore(fakeredis.FakeAsyncRedis(decode_responses=True))
+    with pytest.raises(ValueError, match="decode_responses=False"):
+        RedisStore(
+            fakeredis.FakeAsyncRedis(),
+            blocking_client=fakeredis.FakeAsyncRedis(decode_responses=True),
+        )
+
+
+# -- stream ids and bytes --------------------------------------------------------------------
+
+
+async def test_stream_entry_ids_are_the_seqs(backend: Backend) -> None:
+    store = backend.store()
+    key = new_key()
+    lease = await begin(store, key)
+    assert await store.append(key, lease, [event("a"), event("b"), event("a")]) == [1, 2, 1]
+    terminal = event("end", "session.run.completed", finalText="")
+    assert (
+        await store.finish(key, lease, status=RunStatus.COMPLETED, terminal=terminal, final_text="")
+        == 3
+    )
+    raw = backend.client()
+    entries = await raw.xrange(f"{backend.prefix}:{{{key.tag}}}:log".encode())
+    assert [entry_id for entry_id, _ in entries] == [b"0-1", b"0-2", b"0-3"]
+    assert entries[2][1] == {b"i": b"end", b"t": b"session.run.completed", b"d": terminal.data}
+    assert [e.seq for e in await store.read(key)] == [1, 2, 3]
+
+
+ODD_JSON = [
+    (
+        b'{"type":"text-delta","delta":"\xc3\xa9\xf0\x9f\x98\x80 \\u0000 \\ud83d\\ude00 '
+        b'\xe2\x80\xa8","eventId":"u"}'
+    ),
+    b'{"type":"big","n":123456789012345678901234567890,"m":-9223372036854775809,"eventId":"i"}',
+    b'{"type":"float","a":0.1,"b":1e308,"c":-0.0,"d":5e-324,"e":1.0E+2,"eventId":"f"}',
+    b'{"type":"space" , "nested" : { "k" : [ 1 ,2 ] } ,"eventId":"s"}',
+]
+
+
+async def test_event_data_round_trips_byte_for_byte(backend: Backend) -> None:
+    store = backend.store()
+    key = new_key()
+    lease = await begin(store, key)
+    # Built by hand, not by NewEvent.build: the store must keep what it is given verbatim,
+    # never parse or re-encode it (a big int or a float's spelling would not survive).
+    sent = [
+        NewEvent(event_id=orjson.loads(data)["eventId"], type=orjson.loads(data)["type"], data=data)
+        for data in ODD_JSON
+    ]
+    assert await store.append(key, lease, sent) == [1, 2, 3, 4]
+    expected = [LoggedEvent(i + 1, e.event_id, e.type, e.data) for i, e in enumerate(sent)]
+    assert await store.read(key) == expected
+    assert await store.follow(key, after=0, block_ms=100) == expected
+    assert (await store.read(key, after=1))[0].to_json().startswith(b'{"seq":2,"type":"big"')
+
+
+async def test_text_fields_round_trip_exactly(backend: Backend) -> None:
+    store = backend.store()
+    key = new_key()
+    holder = "wörker-\U0001f600"
+    result = await store.begin(key, input_hash="h", user_id="ü\x00", holder=holder, lease_ms=60_000)
+    assert result.lease == Lease(holder, 1)
+    await store.set_handle(key, result.lease, {"kind": "x", "cursor": "é", "n": 2**60})
+    await store.finish(
+        key,
+        result.lease,
+        status=RunStatus.FAILED,
+        terminal=event("end", "session.run.failed"),
+        final_text="line\n\u2028\x00end",
+    )
+    run = await store.get_run(key)
+    assert run is not None
+    assert run.user_id == "ü\x00"
+    assert run.final_text == "line\n\u2028\x00end"
+    assert run.handle == {"kind": "x", "cursor": "é", "n": 2**60}
+
+
+# -- retention -------------------------------------------------------------------------------
+
+
+async def test_finish_sets_the_retention_ttl_and_drops_the_dedup_index(backend: Backend) -> None:
+    store = backend.store(retention_ms=600_000)
+    raw = backend.client()
+    key = new_key()
+    names = [f"{backend.prefix}:{{{key.tag}}}:{s}".encode() for s in ("run", "log")]
+    lease = await begin(store, key)
+    await store.append(key, lease, [event("a")])
+    assert [await raw.pttl(name) for name in names] == [-1, -1]  # a running run never expires
+    await store.finish(
+        key,
+        lease,
+        status=RunStatus.COMPLETED,
+        terminal=event("end", "session.run.completed"),
+        final_text="x",
+    )
+    for name in names:
+        assert 590_000 < await raw.pttl(name) <= 600_000
+    assert not await raw.exists(f"{backend.prefix}:{{{key.tag}}}:ids".encode())
+
+
+async def test_a_finished_run_is_gone_after_its_retention(backend: Backend) -> None:
+    store = backend.store(retention_ms=50)
+    key = new_key()
+    lease = await begin(store, key)
+    await store.append(key, lease, [event("a")])
+    await store.finish(
+        key,
+        lease,
+        status=RunStatus.COMPLETED,
+        terminal=event("end", "session.run.completed"),
+        final_text="x",
+    )
+    await anyio.sleep(0.2)
+    assert await store.get_run(key) is None
+    assert await store.read(key) == []
+    # The execution id can be used again from scratch: seqs start at 1.
+    again = await begin(store, key, holder="w2")
+    assert again == Lease("w2", 1)
+    assert await store.append(key, again, [event("a")]) == [1]
+
+
+# -- clock -----------------------------------------------------------------------------------
+
+
+async def test_lease_times_come_from_the_server_clock(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = backend.store()
+    seconds, micros = await backend.client().time()
+    server_ms = seconds * 1000 + micros // 1000
+    if backend.server is None:
+        # A worker whose clock is an hour off must not move the lease (fakeredis's TIME is
+        # this process's clock, so only the real server can show it).
+        monkeypatch.setattr(time, "time", lambda: server_ms / 1000 + 3600)
+    key = new_key()
+    await begin(store, key)
+    run = await store.get_run(key)
+    assert run is not None and run.lease_live
+    assert abs(run.created_at_ms - server_ms) < 5_000
+    assert abs(run.lease_expires_at_ms - (server_ms + 60_000)) < 5_000
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+async def test_unreachable_server_is_store_unavailable() -> None:
+    client = aioredis.Redis(
+        host="127.0.0.1", port=closed_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
+    )
+    store = RedisStore(client, prefix="unreachable")
+    key = new_key()
+    lease = Lease("w", 1)
+    try:
+        for call in (
+            store.ping,
+            lambda: store.begin(key, input_hash="h", user_id="u", holder="w", lease_ms=1),
+            lambda: store.append(key, lease, [event("a")]),
+            lambda: store.append_batch([AppendRequest(key, lease, [event("a")])]),
+            lambda: store.read(key),
+            lambda: store.follow(key, after=0, block_ms=100),
+            lambda: store.get_run(key),
+        ):
+            with pytest.raises(StoreUnavailable) as caught:
+                await call()
+            assert isinstance(caught.value.__cause__, rx.ConnectionError | OSError)
+    finally:
+        await store.aclose()
+        await client.aclose()
+
+
+async def test_from_url_to_an_unreachable_server_is_store_unavailable() -> None:
+    store = RedisStore.from_url(f"redis://127.0.0.1:{closed_port()}/0", retries=0)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+    finally:
+        await store.aclose()
+
+
+async def test_a_disconnected_fake_server_is_store_unavailable() -> None:
+    server = fakeredis.FakeServer()
+    client = fakeredis.FakeAsyncRedis(server=server)
+    store = RedisStore(client, prefix="gone")
+    try:
+        server.connected = False
+        with pytest.raises(StoreUnavailable):
+            await store.begin(new_key(), input_hash="h", user_id="u", holder="w", lease_ms=1)
+    finally:
+        await client.aclose()
+
+
+async def test_other_redis_errors_are_store_errors_not_fence_errors(backend: Backend) -> None:
+    store = backend.store()
+    key = new_key()
+    # Something else squats on the run's key: the script fails with WRONGTYPE.
+    await backend.client().set(f"{backend.prefix}:{{{key.tag}}}:run", b"not a hash")
+    with pytest.raises(StoreError) as caught:
+        await store.append(key, Lease("w", 1), [event("a")])
+    assert not isinstance(caught.value, StoreUnavailable | LeaseLost)
+    results = await store.append_batch([AppendRequest(key, Lease("w", 1), [event("a")])])
+    assert isinstance(results[0], StoreError) and not isinstance(results[0], StoreUnavailable)
+
+
+async def test_a_malformed_run_record_is_a_store_error(backend: Backend) -> None:
+    store = backend.store()
+    key = new_key()
+    await backend.client().hset(f"{backend.prefix}:{{{key.tag}}}:run", b"status", b"running")
+    with pytest.raises(StoreError, match="malformed run record"):
+        await store.get_run(key)
+
+
+# -- scripts ---------------------------------------------------------------------------------
+
+
+async def test_append_batch_survives_a_script_flush(backend: Backend) -> None:
+    store = backend.store()
+    first, second = new_key(), new_key()
+    lease_one, lease_two = await begin(store, first), await begin(store, second)
+    await backend.client().script_flush()
+    results = await store.append_batch(
+        [
+            AppendRequest(first, lease_one, [event("a"), event("b")]),
+            AppendRequest(second, Lease("w1", 9), [event("a")]),
+            AppendRequest(second, lease_two, [event("a")]),
+        ]
+    )
+    assert results[0] == [1, 2]
+    assert isinstance(results[1], LeaseLost)
+    assert results[2] == [1]
+    await backend.client().script_flush()
+    assert await store.append(first, lease_one, [event("c")]) == [3]
+
+
+@pytest.mark.redis
+async def test_append_batch_is_one_round_trip(redis_server: Any) -> None:
+    backend = Backend("redis", url=redis_server.url)
+    try:
+        store = backend.store()
+        raw = backend.client()
+        keys = [new_key() for _ in range(3)]
+        leases = [await begin(store, key) for key in keys]
+        await store.append_batch([AppendRequest(keys[0], leases[0], [event("warm")])])
+
+        async def calls(command: str) -> int:
+            stats = await raw.info("commandstats")
+            return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+        before = (await calls("evalsha"), await calls("script|exists"), await calls("script"))
+        batch = [
+            AppendRequest(key, lease, [event("x")]) for key, lease in zip(keys, leases, strict=True)
+        ]
+        assert await store.append_batch(batch) == [[2], [1], [1]]
+        after = (await calls("evalsha"), await calls("script|exists"), await calls("script"))
+        # Three EVALSHAs and nothing else: no SCRIPT EXISTS before the pipeline.
+        assert (after[0] - before[0], after[1] - before[1], after[2] - before[2]) == (3, 0, 0)
+    finally:
+        for client in backend.clients:
+            await client.aclose()
+
+
+async def test_a_resent_begin_gets_the_lease_it_was_granted(backend: Backend) -> None:
+    store = backend.store()
+    key = new_key()
+    keys = [f"{backend.prefix}:{{{key.tag}}}:{s}".encode() for s in ("run", "log", "ids")]
+    args = [b"h", b"u", b"w1", b"60000", b"request-1"]
+    # As redis-py does when the reply to the first was lost: the very same call again.
+    first = await store._scripts.begin(keys=keys, args=args)
+    again = await store._scripts.begin(keys=keys, args=args)
+    assert (first[0], again[0]) == (b"fresh", b"fresh")
+    other = await store.begin(key, input_hash="h", user_id="u", holder="w1", lease_ms=60_000)
+    assert other.outcome is BeginOutcome.LIVE  # a new request of the same holder joins
+
+
+async def test_a_resent_restart_counts_once(backend: Backend) -> None:
+    store = backend.store()
+    key = new_key()
+    lease = await begin(store, key)
+    run_key = f"{backend.prefix}:{{{key.tag}}}:run".encode()
+    args = [b"w1", b"1", b"restart-1"]
+    assert await store._scripts.restart(keys=[run_key], args=args) == [b"ok", 2]
+    assert await store._scripts.restart(keys=[run_key], args=args) == [b"ok", 2]
+    assert await store.restart(key, lease) == 3
+
+
+# -- follow ----------------------------------------------------------------------------------
+
+
+async def test_follow_blocks_until_another_client_appends(backend: Backend) -> None:
+    writer, reader = backend.store(), backend.store()
+    key = new_key()
+    lease = await begin(writer, key)
+    await writer.append(key, lease, [event("a")])
+    got: list[LoggedEvent] = []
+
+    async def follow() -> None:
+        got.extend(await reader.follow(key, after=1, block_ms=10_000))
+
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(follow)
+        await anyio.sleep(0.2)
+        assert not got  # still blocked
+        await writer.append(key, lease, [event("b"), event("c")])
+    assert [(e.seq, e.event_id) for e in got] == [(2, "b"), (3, "c")]
+    assert time.monotonic() - started < 5
+
+
+async def test_follow_waits_out_its_block_and_returns_nothing(backend: Backend) -> None:
+    store = backend.store()
+    key = new_key()
+    await begin(store, key)
+    started = time.monotonic()
+    assert await store.follow(key, after=0, block_ms=300) == []
+    assert time.monotonic() - started >= 0.25
+
+
+async def test_follow_does_not_block_on_unknown_or_finished_runs(backend: Backend) -> None:
+    store = backend.store()
+    key = new_key()
+    started = time.monotonic()
+    assert await store.follow(key, after=0, block_ms=5_000) == []
+    lease = await begin(store, key)
+    await store.finish(
+        key,
+        lease,
+        status=RunStatus.CANCELLED,
+        terminal=event("end", "session.run.cancelled"),
+        final_text=None,
+    )
+    assert await store.follow(key, after=1, block_ms=5_000) == []
+    assert time.monotonic() - started < 2
+
+
+async def test_follow_may_share_the_command_client(backend: Backend) -> None:
+    client = backend.client()
+    store = RedisStore(client, prefix=backend.prefix)
+    writer = backend.store()
+    key = new_key()
+    lease = await begin(writer, key)
+
+    async def append_later() -> None:
+        await anyio.sleep(0.1)
+        await writer.append(key, lease, [event("a")])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(append_later)
+        assert [e.seq for e in await store.follow(key, after=0, block_ms=5_000)] == [1]
+    await store.aclose()
+    await client.ping()  # a client the store was given stays open
+
+
+async def test_a_block_is_cut_to_what_the_socket_timeout_allows(backend: Backend) -> None:
+    blocking = backend.client(socket_timeout=0.6)
+    store = RedisStore(backend.client(), prefix=backend.prefix, blocking_client=blocking)
+    key = new_key()
+    await begin(store, key)
+    started = time.monotonic()
+    # Asked for 10 s; the socket would time out after 0.6 s, so the block ends first, empty.
+    assert await store.follow(key, after=0, block_ms=10_000) == []
+    assert time.monotonic() - started < 2
+
+
+# -- building from a URL ---------------------------------------------------------------------
+
+
+def test_settings_from_url() -> None:
+    settings = RedisSettings.from_url("rediss://h:6380/2", prefix="app", max_block_ms=2_000)
+    assert settings.url == "rediss://h:6380/2"
+    assert (settings.prefix, settings.retention_ms) == ("app", 24 * 3600 * 1000)
+    assert settings.blocking_socket_timeout_s > 2.0
+    with pytest.raises(ValueError, match="redis://"):
+        RedisSettings.from_url("http://h")
+    with pytest.raises(ValueError):
+        RedisSettings.from_url("redis://h", max_block_ms=0)
+
+
+@pytest.mark.redis
+async def test_from_url_builds_a_blocking_pool_that_outlasts_the_block(
+    redis_server: Any,
+) -> None:
+    store = RedisStore.from_url(
+        redis_server.url, prefix=f"t-{uuid.uuid4().hex}", max_block_ms=700, socket_timeout_s=0.3
+    )
+    try:
+        commands = store._client.connection_pool.connection_kwargs
+        blocking = store._blocking_client.connection_pool.connection_kwargs
+        assert store._client.connection_pool is not store._blocking_client.connection_pool
+        assert commands["socket_timeout"] == 0.3
+        assert blocking["socket_timeout"] > 0.7
+        assert commands["decode_responses"] is False
+        key = new_key()
+        await begin(store, key)
+        started = time.monotonic()
+        # The command socket would time out after 0.3 s; the block runs its 0.7 s undisturbed.
+        assert await store.follow(key, after=0, block_ms=60_000) == []
+        assert 0.6 <= time.monotonic() - started < 3
+    finally:
+        await store.aclose()
+    with pytest.raises(RuntimeError, match="closed"):
+        await store.ping()
+
+
+@pytest.mark.redis
+async def test_from_url_store_works_end_to_end(redis_server: Any) -> None:
+    async with RedisStore.from_url(redis_server.url, prefix=f"t-{uuid.uuid4().hex}") as store:
+        await store.ping()
+        key = new_key()
+        lease = await begin(store, key)
+        assert await store.append(key, lease, [event("a")]) == [1]
+        seq = await store.finish(
+            key,
+            lease,
+            status=RunStatus.COMPLETED,
+            terminal=event("e", "session.run.completed"),
+            final_text="done",
+        )
+        assert seq == 2
+        assert (
+            await store.finish(
+                key,
+                lease,
+                status=RunStatus.COMPLETED,
+                terminal=event("e", "session.run.completed"),
+                final_text="done",
+            )
+            == 2
+        )
