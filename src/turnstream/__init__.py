@@ -18,6 +18,7 @@ from ._handler import ChatTurnResult, handle_chat_turn
 from ._hooks import Limits, SupervisedEvent, TurnCompletion, TurnContext, TurnHooks
 from ._identity import TurnIdentity, canonical_input_hash, derive_execution_id, parse_execution_id
 from ._middleware import Principal, TurnstreamMiddleware
+from ._problems import ProblemResponse, problem_for_exception
 from ._requests import ChatTurnRequest, read_json_body
 from ._store import BeginOutcome, Lease, RunKey, RunRecord, RunStatus, TurnStore
 from ._supervisor import Supervisor
@@ -39,6 +40,7 @@ __all__ = [
     "NewEvent",
     "PayloadTooLarge",
     "Principal",
+    "ProblemResponse",
     "RedisStore",
     "RunFinished",
     "RunKey",
@@ -62,6 +64,7 @@ __all__ = [
     "derive_execution_id",
     "handle_chat_turn",
     "parse_execution_id",
+    "problem_for_exception",
     "read_json_body",
 ]
 

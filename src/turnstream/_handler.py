@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -174,13 +175,22 @@ async def handle_chat_turn(
     accept: str | None = None,
     cursor: str | int | None = None,
     last_event_id: str | None = None,
+    request: Request | None = None,
 ) -> ChatTurnResult:
     """Answer one chat-turn request.
 
     ``input`` is the turn's input as the app understands it (hashed to tell a retry from a
     conflicting request, and handed to the producer). ``format`` / ``accept`` choose the
     framing; ``cursor`` (``?after=``) or ``last_event_id`` resume a stream after a seq.
+    Given a Starlette/FastAPI ``request``, those four default to its ``?format=``,
+    ``Accept``, ``?after=`` and ``Last-Event-ID``.
     """
+    if request is not None:
+        format = format if format is not None else request.query_params.get("format")
+        accept = accept if accept is not None else request.headers.get("accept")
+        cursor = cursor if cursor is not None else request.query_params.get("after")
+        if last_event_id is None:
+            last_event_id = request.headers.get("last-event-id")
     execution_id: str | None = None
     try:
         execution_id = identity.execution_id
@@ -197,9 +207,7 @@ async def handle_chat_turn(
         key = RunKey(identity.tenant_id, execution_id)
         await supervisor.ensure_started()
         result = await supervisor.begin(key, input_hash=input_hash, user_id=identity.user_id)
-        if result.outcome is BeginOutcome.MISMATCH or (
-            result.outcome is not BeginOutcome.FRESH and result.run.user_id != identity.user_id
-        ):
+        if result.outcome is BeginOutcome.MISMATCH:
             raise TurnInputMismatch(
                 "this turn was already started with a different input; "
                 "use a new turn index for a new message"

@@ -47,7 +47,7 @@ class BeginOutcome(enum.StrEnum):
     COMPLETED = "completed"  # run finished: replay
     LIVE = "live"  # unfinished, lease held by a live owner: join
     TAKEOVER = "takeover"  # unfinished, lease lapsed: lease taken with a new fencing token
-    MISMATCH = "mismatch"  # same execution id, different input hash: 409
+    MISMATCH = "mismatch"  # same execution id, different input hash or user: 409
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +127,8 @@ class TurnStore(Protocol):
         """Atomically classify a turn request (DESIGN §4) and, when FRESH or TAKEOVER, lease it.
 
         A TAKEOVER increments the fencing token; from then on the previous holder's writes
-        raise :class:`LeaseLost`.
+        raise :class:`LeaseLost`. A request by another user than the run's is a MISMATCH and
+        never touches the lease.
         """
         ...
 

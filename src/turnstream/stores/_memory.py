@@ -136,7 +136,7 @@ class MemoryStore:
             run.lease_expires_at_ms = now + lease_ms
             self._runs[key] = run
             return BeginResult(BeginOutcome.FRESH, self._record(run), Lease(holder, 1))
-        if run.input_hash != input_hash:
+        if run.input_hash != input_hash or run.user_id != user_id:
             return BeginResult(BeginOutcome.MISMATCH, self._record(run), None)
         if run.status.finished:
             return BeginResult(BeginOutcome.COMPLETED, self._record(run), None)

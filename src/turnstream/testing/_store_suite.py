@@ -127,11 +127,12 @@ class StoreConformance:
         *,
         input_hash: str = "hash-1",
         lease_ms: int | None = None,
+        user_id: str = "user-1",
     ) -> BeginResult:
         return await store.begin(
             key,
             input_hash=input_hash,
-            user_id="user-1",
+            user_id=user_id,
             holder=holder,
             lease_ms=self.lease_ms if lease_ms is None else lease_ms,
         )
@@ -288,6 +289,24 @@ class StoreConformance:
         assert record.input_hash == "hash-1"
         # …and the run can still be taken over with the right input.
         assert (await self.begin(store, key, "worker-c")).outcome is BeginOutcome.TAKEOVER
+
+    async def test_begin_by_another_user_is_a_mismatch_and_leaves_the_lease(
+        self, store: TurnStore
+    ) -> None:
+        key = self.new_key()
+        lease = await self.own(store, key)
+        live = await self.begin(store, key, "worker-b", user_id="user-2")
+        assert live.outcome is BeginOutcome.MISMATCH
+        assert live.lease is None
+        await self.lapse_lease(store, key, lease)
+        lapsed = await self.begin(store, key, "worker-b", user_id="user-2")
+        assert lapsed.outcome is BeginOutcome.MISMATCH
+        assert lapsed.lease is None
+        record = await self.run_record(store, key)
+        assert (record.lease_holder, record.lease_token) == ("worker-a", lease.token)
+        assert record.user_id == "user-1"
+        taken = await self.begin(store, key, "worker-c")
+        assert taken.outcome is BeginOutcome.TAKEOVER
 
     async def test_begin_mismatch_on_a_finished_run(self, store: TurnStore) -> None:
         key = self.new_key()

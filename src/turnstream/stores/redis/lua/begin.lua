@@ -11,7 +11,7 @@ local function answer(outcome)
 end
 
 local f = redis.call('HMGET', run, 'status', 'input_hash', 'lease_holder', 'lease_expires_at',
-  'begin_id', 'begin_outcome')
+  'begin_id', 'begin_outcome', 'user_id')
 
 if not f[1] then
   -- The log and ids of an expired run expire with its record; clearing them anyway means a
@@ -32,7 +32,9 @@ if f[5] == begin_id and f[3] == holder then
   return answer(f[6])
 end
 
-if f[2] ~= input_hash then
+-- Another user's request is refused before it can touch the lease (a lapsed run must not
+-- be leased by a request the handler is about to turn away).
+if f[2] ~= input_hash or f[7] ~= user_id then
   return answer('mismatch')
 end
 if f[1] ~= 'running' then

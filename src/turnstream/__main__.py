@@ -1,0 +1,106 @@
+"""The ``turnstream`` command: ``turnstream demo`` (also ``python -m turnstream demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from urllib.parse import urlsplit
+
+from ._supervisor import DEFAULT_LEASE_MS
+
+__all__ = ["main"]
+
+
+def _int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _redis_url(text: str) -> str:
+    if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
+        raise argparse.ArgumentTypeError(
+            f"not a Redis URL (redis://host:port/db, rediss://…, unix://…): {text!r}"
+        )
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="turnstream",
+        description="Durable, replayable, re-attachable chat turns for ASGI apps.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    demo = commands.add_parser(
+        "demo",
+        help="serve the demo chat page with a built-in fake model",
+        description="Serve the demo: a chat page on / over a deterministic fake model.",
+    )
+    demo.add_argument("--host", default="127.0.0.1", help="interface to bind (default %(default)s)")
+    demo.add_argument(
+        "--port", type=_int_at_least(0, 65535), default=8000, help="TCP port (default %(default)s)"
+    )
+    demo.add_argument(
+        "--redis",
+        type=_redis_url,
+        metavar="URL",
+        help="share turns through this Redis (redis://host:port/db) instead of memory",
+    )
+    demo.add_argument(
+        "--tokens", type=_int_at_least(0), default=40, help="words per reply (default %(default)s)"
+    )
+    demo.add_argument(
+        "--token-delay-ms",
+        type=_int_at_least(0),
+        default=25,
+        metavar="MS",
+        help="delay between two words (default %(default)s)",
+    )
+    demo.add_argument(
+        "--lease-ms",
+        type=_int_at_least(30),
+        default=DEFAULT_LEASE_MS,
+        metavar="MS",
+        help="how long a dead worker's turn stays leased (default %(default)s)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Only `demo` exists (the subcommand is required, so argparse refused anything else).
+    try:
+        import uvicorn
+    except ImportError:
+        parser.exit(1, "turnstream demo needs uvicorn: pip install uvicorn\n")
+
+    from ._demo import create_demo_app
+
+    try:
+        app = create_demo_app(
+            redis_url=args.redis,
+            tokens=args.tokens,
+            token_delay_ms=args.token_delay_ms,
+            lease_ms=args.lease_ms,
+        )
+    except ValueError as exc:  # e.g. a --redis URL that is not one
+        parser.error(str(exc))
+    config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="on")
+    server = uvicorn.Server(config)
+    server.run()
+    # uvicorn reports a failed start (port taken, Redis unreachable) by not having started.
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

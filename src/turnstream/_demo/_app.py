@@ -1,0 +1,267 @@
+"""The demo app: ``POST /chat`` over a deterministic fake model, the turn routes, a chat page.
+
+    GET  /                          the chat page (page.html, no build step, no external assets)
+    GET  /healthz                   200 when the store answers, else a 503 problem document
+    POST /chat                      {"sessionId", "turnIndex", "message"} → the turn's stream
+    GET  /debug/producer-calls      how often the fake model started in this process
+    …    /turns/{execution_id}…     resume / cancel / status (TurnstreamMiddleware)
+
+Tenant and user come from the ``X-Demo-Tenant`` / ``X-Demo-User`` headers (defaults ``demo``
+and ``guest``): the demo's stand-in for real auth, used alike by the chat route and by the
+middleware's ``authorize``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.resources
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import anyio
+import orjson
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .._exceptions import InvalidTurnInput, StoreError, TurnstreamError
+from .._handler import handle_chat_turn
+from .._hooks import Limits, TurnContext
+from .._identity import TurnIdentity
+from .._middleware import Principal, TurnstreamMiddleware
+from .._problems import problem_for_exception
+from .._requests import ChatTurnRequest
+from .._store import RunKey, TurnStore
+from .._supervisor import DEFAULT_LEASE_MS, Supervisor
+from ..stores import MemoryStore
+
+__all__ = ["PROJECT_ID", "ProducerCalls", "create_demo_app", "fake_reply"]
+
+PROJECT_ID: Final = "demo"
+DEFAULT_TENANT: Final = "demo"
+DEFAULT_USER: Final = "guest"
+TENANT_HEADER: Final = "X-Demo-Tenant"
+USER_HEADER: Final = "X-Demo-User"
+
+# 64 words, so two digest bytes modulo 64 pick each word without bias.
+VOCABULARY: Final = tuple(
+    "turn stream log lease pump reader replay resume event cursor worker redis durable "
+    "fenced idempotent ordered the a every each one no never always is was keeps joins "
+    "writes reads ends starts quietly exactly once again later now still here and but so "
+    "then because while after before client server token message session tenant model "
+    "answer bright calm steady small whole gentle honest simple".split()
+)
+_MAX_COMPONENT: Final = 256
+
+
+def fake_reply(message: str, tokens: int) -> list[str]:
+    """The fake model's reply to ``message``: ``tokens`` words, each followed by a space.
+
+    Deterministic: the words are drawn from a SHAKE-256 digest of the message, so the same
+    message always gets the same reply (in any process, on any Python).
+    """
+    if tokens < 0:
+        raise ValueError("tokens must not be negative")
+    digest = hashlib.shake_256(message.encode("utf-8", "surrogatepass")).digest(2 * tokens)
+    return [
+        VOCABULARY[int.from_bytes(digest[2 * i : 2 * i + 2], "big") % len(VOCABULARY)] + " "
+        for i in range(tokens)
+    ]
+
+
+class ProducerCalls:
+    """How many times the fake model started in this process, in total and per run.
+
+    This is the demo's witness that a replay or a join never prompts the model again: the
+    producer records itself when its first step runs, which is exactly when a real app would
+    call its LLM. The per-run counts keep the ``max_runs`` most recently started runs only
+    (bounded memory); ``total`` counts every start.
+    """
+
+    def __init__(self, *, max_runs: int = 4096) -> None:
+        self.total = 0
+        self.max_runs = max_runs
+        self._by_run: OrderedDict[RunKey, int] = OrderedDict()
+
+    def record(self, key: RunKey) -> None:
+        self.total += 1
+        self._by_run[key] = self._by_run.get(key, 0) + 1
+        self._by_run.move_to_end(key)
+        while len(self._by_run) > self.max_runs:
+            self._by_run.popitem(last=False)
+
+    def count(self, key: RunKey) -> int:
+        return self._by_run.get(key, 0)
+
+
+def _header_component(request: Request, header: str, default: str) -> str:
+    value = request.headers.get(header)
+    if value is None:
+        return default
+    # Checked here rather than left to TurnIdentity so that the turn routes (which build no
+    # identity) refuse the same values the chat route does, naming the header.
+    if (
+        not value
+        or len(value) > _MAX_COMPONENT
+        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+    ):
+        raise InvalidTurnInput(
+            f"{header} must be 1 to {_MAX_COMPONENT} printable characters", field=header
+        )
+    return value
+
+
+def demo_principal(request: Request) -> Principal:
+    """The demo's stand-in for auth: who is asking, from two headers."""
+    return Principal(
+        tenant_id=_header_component(request, TENANT_HEADER, DEFAULT_TENANT),
+        user_id=_header_component(request, USER_HEADER, DEFAULT_USER),
+    )
+
+
+def _json(value: object, *, status: int = 200) -> Response:
+    return Response(
+        orjson.dumps(value),
+        status_code=status,
+        media_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+# The page inlines its script and style; nothing else may load or run.
+_PAGE_HEADERS: Final = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+}
+
+
+def create_demo_app(
+    *,
+    store: TurnStore | None = None,
+    redis_url: str | None = None,
+    tokens: int = 40,
+    token_delay_ms: int = 25,
+    lease_ms: int = DEFAULT_LEASE_MS,
+    limits: Limits | None = None,
+) -> Starlette:
+    """The demo as a Starlette app, with :class:`TurnstreamMiddleware` in its stack.
+
+    The store is ``store`` when given (the caller closes it), else a ``RedisStore`` for
+    ``redis_url`` (closed on shutdown), else a fresh ``MemoryStore``. Each reply has
+    ``tokens`` words, one ``text-delta`` every ``token_delay_ms``.
+
+    ``app.state`` holds ``supervisor``, ``store`` and ``producer_calls``. Without a lifespan
+    (``httpx.ASGITransport``), start the supervisor yourself: ``async with
+    app.state.supervisor: …``.
+    """
+    if store is not None and redis_url is not None:
+        raise ValueError("pass either store or redis_url, not both")
+    if tokens < 0:
+        raise ValueError("tokens must not be negative")
+    if token_delay_ms < 0:
+        raise ValueError("token_delay_ms must not be negative")
+    owns_store = store is None
+    if store is None:
+        if redis_url is not None:
+            from ..stores.redis import RedisStore
+
+            store = RedisStore.from_url(redis_url)
+        else:
+            store = MemoryStore()
+    turn_store: TurnStore = store
+    supervisor = Supervisor(turn_store, lease_ms=lease_ms, limits=limits)
+    calls = ProducerCalls()
+    delay_s = token_delay_ms / 1000
+    page = importlib.resources.files("turnstream._demo").joinpath("page.html").read_bytes()
+
+    async def produce(context: TurnContext) -> AsyncIterator[dict[str, Any]]:
+        calls.record(RunKey(context.identity.tenant_id, context.execution_id))
+        for word in fake_reply(str(context.input["message"]), tokens):
+            await anyio.sleep(delay_s)  # also a cancellation point when the delay is 0
+            yield {"type": "text-delta", "delta": word}
+
+    async def index(request: Request) -> Response:
+        return Response(page, media_type="text/html; charset=utf-8", headers=_PAGE_HEADERS)
+
+    async def healthz(request: Request) -> Response:
+        try:
+            await turn_store.ping()
+        except StoreError as exc:
+            return problem_for_exception(exc)
+        return _json({"status": "ok"})
+
+    async def chat(request: Request) -> Response:
+        try:
+            principal = demo_principal(request)
+            body = await ChatTurnRequest.read(request, limits=supervisor.limits)
+            identity = TurnIdentity(
+                tenant_id=principal.tenant_id,
+                project_id=PROJECT_ID,
+                session_id=body.session_id,
+                user_id=principal.user_id,
+                turn_index=body.turn_index,
+            )
+        except TurnstreamError as exc:
+            return problem_for_exception(exc)
+        result = await handle_chat_turn(
+            identity,
+            {"message": body.message},
+            supervisor=supervisor,
+            produce=produce,
+            format=request.query_params.get("format"),
+            accept=request.headers.get("accept"),
+            cursor=request.query_params.get("after"),
+            last_event_id=request.headers.get("last-event-id"),
+        )
+        return result.response
+
+    async def producer_calls(request: Request) -> Response:
+        """``{"total": n}``; with ``?executionId=``, also that run's ``calls`` (per tenant)."""
+        document: dict[str, object] = {"total": calls.total}
+        execution_id = request.query_params.get("executionId")
+        if execution_id is not None:
+            try:
+                principal = demo_principal(request)
+            except TurnstreamError as exc:
+                return problem_for_exception(exc)
+            document["executionId"] = execution_id
+            document["calls"] = calls.count(RunKey(principal.tenant_id, execution_id))
+        return _json(document)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # The middleware has started the supervisor by now and stops it before this resumes
+        # on shutdown, so the store outlives every pump.
+        try:
+            if owns_store:
+                await turn_store.ping()  # a wrong --redis URL fails the start, not a turn
+            yield
+        finally:
+            if owns_store:
+                await turn_store.aclose()
+
+    app = Starlette(
+        routes=[
+            Route("/", index, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/chat", chat, methods=["POST"]),
+            Route("/debug/producer-calls", producer_calls, methods=["GET"]),
+        ],
+        middleware=[
+            Middleware(TurnstreamMiddleware, supervisor=supervisor, authorize=demo_principal)
+        ],
+        lifespan=lifespan,
+    )
+    app.state.supervisor = supervisor
+    app.state.store = turn_store
+    app.state.producer_calls = calls
+    return app
