@@ -1,5 +1,13 @@
 """turnstream: durable, replayable, re-attachable chat turns for ASGI apps."""
 
+from ._adapter import (
+    ReconnectAdapter,
+    RunHandle,
+    StartRequest,
+    SubstrateCancelled,
+    SubstrateFailed,
+    SupervisedEvent,
+)
 from ._events import LoggedEvent, NewEvent
 from ._exceptions import (
     AdapterError,
@@ -15,7 +23,7 @@ from ._exceptions import (
 )
 from ._framing import StreamFormat
 from ._handler import ChatTurnResult, handle_chat_turn
-from ._hooks import Limits, SupervisedEvent, TurnCompletion, TurnContext, TurnHooks
+from ._hooks import Limits, TurnCompletion, TurnContext, TurnHooks
 from ._identity import TurnIdentity, canonical_input_hash, derive_execution_id, parse_execution_id
 from ._middleware import Principal, TurnstreamMiddleware
 from ._problems import ProblemResponse, problem_for_exception
@@ -41,15 +49,20 @@ __all__ = [
     "PayloadTooLarge",
     "Principal",
     "ProblemResponse",
+    "ReconnectAdapter",
     "RedisStore",
     "RunFinished",
+    "RunHandle",
     "RunKey",
     "RunNotFound",
     "RunRecord",
     "RunStatus",
+    "StartRequest",
     "StoreError",
     "StoreUnavailable",
     "StreamFormat",
+    "SubstrateCancelled",
+    "SubstrateFailed",
     "SupervisedEvent",
     "Supervisor",
     "TurnCompletion",

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from ._adapter import ReconnectAdapter
 from ._events import ERROR, LoggedEvent
 from ._exceptions import (
     InvalidTurnInput,
@@ -170,6 +171,7 @@ async def handle_chat_turn(
     *,
     supervisor: Supervisor,
     produce: Producer | None = None,
+    adapter: ReconnectAdapter | None = None,
     hooks: TurnHooks | None = None,
     format: str | None = None,
     accept: str | None = None,
@@ -180,10 +182,12 @@ async def handle_chat_turn(
     """Answer one chat-turn request.
 
     ``input`` is the turn's input as the app understands it (hashed to tell a retry from a
-    conflicting request, and handed to the producer). ``format`` / ``accept`` choose the
-    framing; ``cursor`` (``?after=``) or ``last_event_id`` resume a stream after a seq.
-    Given a Starlette/FastAPI ``request``, those four default to its ``?format=``,
-    ``Accept``, ``?after=`` and ``Last-Event-ID``.
+    conflicting request, and handed to the producer). The turn's events come from
+    ``produce`` (a local producer: restarted if its worker dies) or from ``adapter`` (a
+    reconnect adapter: any worker re-attaches to the substrate run). ``format`` /
+    ``accept`` choose the framing; ``cursor`` (``?after=``) or ``last_event_id`` resume a
+    stream after a seq. Given a Starlette/FastAPI ``request``, those four default to its
+    ``?format=``, ``Accept``, ``?after=`` and ``Last-Event-ID``.
     """
     if request is not None:
         format = format if format is not None else request.query_params.get("format")
@@ -200,8 +204,13 @@ async def handle_chat_turn(
             hooks = TurnHooks(produce=produce)
         elif produce is not None:
             hooks = replace(hooks, produce=produce)
-        if hooks.produce is None:
-            raise TypeError("handle_chat_turn needs a producer: pass produce= or hooks.produce")
+        if (hooks.produce is None) == (adapter is None):
+            raise TypeError(
+                "handle_chat_turn needs one source of events: produce= (or hooks.produce) "
+                "or adapter="
+            )
+        if adapter is not None:
+            supervisor.register_adapter(adapter)
         _check_input_size(input, supervisor)
         input_hash = canonical_input_hash(input)
         key = RunKey(identity.tenant_id, execution_id)
@@ -212,17 +221,35 @@ async def handle_chat_turn(
                 "this turn was already started with a different input; "
                 "use a new turn index for a new message"
             )
-        if result.outcome in (BeginOutcome.FRESH, BeginOutcome.TAKEOVER):
+        mode = _MODES[result.outcome]
+        if result.outcome is BeginOutcome.FRESH:
             supervisor.start_pump(
-                result,
-                identity=identity,
-                input=input,
-                hooks=hooks,
-                restart=result.outcome is BeginOutcome.TAKEOVER,
+                result, identity=identity, input=input, hooks=hooks, mode="fresh", adapter=adapter
             )
+        elif result.outcome is BeginOutcome.TAKEOVER:
+            found = supervisor.adapter_for(result.run.handle) if adapter is not None else None
+            if found is not None and found[0] is adapter:
+                # The substrate run goes on without us: re-attach after the last logged event.
+                mode = "resumed"
+                supervisor.start_pump(
+                    result,
+                    identity=identity,
+                    input=input,
+                    hooks=hooks,
+                    mode="resume",
+                    adapter=adapter,
+                    handle=found[1],
+                )
+            else:
+                # Nothing to re-attach to (a local producer, or no handle was logged yet):
+                # a new attempt; the log says `session.run.restarted`.
+                supervisor.start_pump(
+                    result, identity=identity, input=input, hooks=hooks, mode="restart",
+                    adapter=adapter,
+                )
     except TurnstreamError as exc:
         return _problem_result(exc, execution_id)
-    return stream_run(supervisor, key, fmt=fmt, after=after, mode=_MODES[result.outcome])
+    return stream_run(supervisor, key, fmt=fmt, after=after, mode=mode)
 
 
 def _check_input_size(input: Mapping[str, Any], supervisor: Supervisor) -> None:

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ._adapter import SupervisedEvent
 from ._events import TEXT_DELTA, LoggedEvent
 from ._identity import TurnIdentity
 
@@ -17,19 +18,6 @@ __all__ = [
     "TurnContext",
     "TurnHooks",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class SupervisedEvent:
-    """An event with a producer- or substrate-chosen id (the dedup key).
-
-    ``handle`` is the run handle a fresh supervisor re-attaches by; the pump persists the
-    first one it sees (used by reconnect adapters).
-    """
-
-    event_id: str
-    payload: Mapping[str, Any]
-    handle: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

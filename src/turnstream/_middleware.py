@@ -148,6 +148,10 @@ class TurnstreamMiddleware:
                 if run is None:
                     return Response(status_code=204, headers={"Cache-Control": "no-store"})
                 mode = "replayed" if run.status.finished else "joined"
+                if not run.status.finished and not run.lease_live:
+                    # The owner died: re-attach now rather than after a blocked read.
+                    if await self.supervisor.recover(key) and self.supervisor.owns(key):
+                        mode = "resumed"
                 return stream_run(self.supervisor, key, fmt=fmt, after=after, mode=mode).response
             if action == "cancel":
                 content_type = request.headers.get("content-type", "")

@@ -9,14 +9,22 @@ lost the pump stops at once and writes nothing more.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._adapter import (
+    ReconnectAdapter,
+    RunHandle,
+    StartRequest,
+    SubstrateCancelled,
+    SubstrateFailed,
+    SupervisedEvent,
+)
 from ._events import (
     CANCELLED,
     COMPLETED,
@@ -27,8 +35,8 @@ from ._events import (
     LoggedEvent,
     NewEvent,
 )
-from ._exceptions import InvalidTurnInput, LeaseLost, PayloadTooLarge, StoreError
-from ._hooks import SupervisedEvent, TurnCompletion, TurnContext, TurnHooks
+from ._exceptions import AdapterError, InvalidTurnInput, LeaseLost, PayloadTooLarge, StoreError
+from ._hooks import TurnCompletion, TurnContext, TurnHooks
 from ._identity import TurnIdentity
 from ._live import LiveRun
 from ._store import Lease, RunKey, RunStatus
@@ -41,6 +49,15 @@ __all__ = ["Pump"]
 logger = logging.getLogger("turnstream.pump")
 
 _FINISH_ATTEMPTS = 3
+_REATTACH_ATTEMPTS = 3  # consecutive re-attaches that make no progress before giving up
+_CANCEL_TIMEOUT_S = 5.0
+
+PumpMode = Literal["fresh", "restart", "resume"]
+_CANCELLED = "\0cancelled"  # a _Failure code no producer can send: the substrate cancelled
+
+
+class _TooManyEvents(Exception):
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +79,10 @@ class Pump:
         hooks: TurnHooks,
         attempt: int,
         last_seq: int,
-        restart: bool,
+        mode: PumpMode,
         live: LiveRun,
+        adapter: ReconnectAdapter | None = None,
+        handle: RunHandle | None = None,
     ) -> None:
         self.supervisor = supervisor
         self.key = key
@@ -73,8 +92,12 @@ class Pump:
         self.hooks = hooks
         self.attempt = attempt
         self.last_seq = last_seq
-        self.restart = restart
+        self.mode = mode
         self.live = live
+        self.adapter = adapter
+        self.handle = handle
+        # The substrate's id of the last event seen: where a re-attach resumes.
+        self.source_cursor: str | None = None
         self.text = ""
         self.lost = False
         self.finished = False
@@ -116,14 +139,15 @@ class Pump:
         store = self.supervisor.store
         execution_id = self.key.execution_id
         if self.last_seq > 0:
-            await self._rebuild_text()
-        if self.restart:
+            await self._scan_log()
+        if self.mode == "restart":
             self.attempt = await store.restart(self.key, self.lease)
             self.text = ""
+            self.source_cursor = None
             await self._log(
                 [
                     self._lifecycle(
-                        f"restarted:{self.attempt}",
+                        f"ts:restarted:{self.attempt}",
                         {"type": RESTARTED, "executionId": execution_id, "attempt": self.attempt},
                     )
                 ]
@@ -132,7 +156,7 @@ class Pump:
             await self._log(
                 [
                     self._lifecycle(
-                        "started",
+                        "ts:started",
                         {"type": STARTED, "executionId": execution_id, "attempt": self.attempt},
                     )
                 ]
@@ -143,7 +167,7 @@ class Pump:
             await self._log(
                 [
                     self._lifecycle(
-                        f"error:{self.attempt}",
+                        f"ts:error:{self.attempt}",
                         {
                             "type": ERROR,
                             "code": outcome.code,
@@ -156,10 +180,11 @@ class Pump:
             status, terminal_type = RunStatus.FAILED, FAILED
         elif outcome == "cancelled":
             status, terminal_type = RunStatus.CANCELLED, CANCELLED
+            await self._cancel_substrate()
         else:
             status, terminal_type = RunStatus.COMPLETED, COMPLETED
         terminal = self._lifecycle(
-            "terminal",
+            "ts:terminal",
             {
                 "type": terminal_type,
                 "executionId": execution_id,
@@ -191,8 +216,9 @@ class Pump:
                 await anyio.sleep(0.05 * 2**attempt)
         raise AssertionError("unreachable")
 
-    async def _rebuild_text(self) -> None:
-        """After a takeover the fold must cover what earlier owners logged (DESIGN §3.8)."""
+    async def _scan_log(self) -> None:
+        """After a takeover: the fold must cover what earlier owners logged (DESIGN §3.8),
+        and a re-attach resumes after the last substrate event they logged."""
         cursor = 0
         while True:
             events = await self.supervisor.store.read(self.key, after=cursor, limit=1024)
@@ -201,6 +227,29 @@ class Pump:
             for event in events:
                 self._fold(event)
                 cursor = event.seq
+                if event.type == RESTARTED:
+                    self.source_cursor = None
+                elif not event.event_id.startswith("ts:"):
+                    self.source_cursor = self._source_id(event.event_id)
+
+    def _scoped_id(self, raw_id: str) -> str:
+        # A restarted attempt never dedups against the dead attempt's events.
+        return raw_id if self.attempt == 1 else f"{self.attempt}.{raw_id}"
+
+    def _source_id(self, event_id: str) -> str:
+        prefix = f"{self.attempt}."
+        if self.attempt > 1 and event_id.startswith(prefix):
+            return event_id[len(prefix) :]
+        return event_id
+
+    async def _cancel_substrate(self) -> None:
+        if self.adapter is None or self.handle is None:
+            return
+        with anyio.move_on_after(_CANCEL_TIMEOUT_S, shield=True):
+            try:
+                await self.adapter.cancel(self.handle)
+            except Exception:
+                logger.exception("adapter.cancel failed for %s", self.key.execution_id)
 
     def _fold(self, event: LoggedEvent) -> None:
         if event.type == RESTARTED:
@@ -258,7 +307,7 @@ class Pump:
                 nonlocal outcome
                 result = await self._log_from(receive)
                 if result is not None:
-                    outcome = result
+                    outcome = "cancelled" if result.code == _CANCELLED else result
                 tg.cancel_scope.cancel()
 
             tg.start_soon(watch_cancel)
@@ -289,64 +338,23 @@ class Pump:
         return None
 
     async def _produce(self, send: MemoryObjectSendStream[NewEvent | _Failure]) -> None:
-        hooks, limits = self.hooks, self.supervisor.limits
         async with send:
-            if hooks.produce is None:
-                await send.send(_Failure("no_producer", "this turn has no producer"))
-                return
-            context = TurnContext(
-                identity=self.identity,
-                execution_id=self.key.execution_id,
-                input=self.input,
-                attempt=self.attempt,
-            )
-            handle_saved = False
             try:
-                stream = hooks.produce(context)
-                try:
-                    async for item in stream:
-                        self._produced += 1
-                        if self._produced > limits.max_events_per_turn:
-                            await send.send(
-                                _Failure(
-                                    "too_many_events",
-                                    f"the turn produced more than {limits.max_events_per_turn}"
-                                    " events",
-                                )
-                            )
-                            return
-                        if isinstance(item, SupervisedEvent):
-                            if item.handle is not None and not handle_saved:
-                                await self.supervisor.store.set_handle(
-                                    self.key, self.lease, item.handle
-                                )
-                                handle_saved = True
-                            raw_id, payload = item.event_id, item.payload
-                        else:
-                            raw_id, payload = None, item
-                            if isinstance(item, Mapping):
-                                given = item.get("eventId")
-                                raw_id = given if isinstance(given, str) else None
-                        # Scoped by attempt: a restarted attempt never dedups against the
-                        # dead attempt's events.
-                        event_id = f"{self.attempt}.{raw_id or self._produced}"
-                        event = NewEvent.build(
-                            event_id, payload, max_bytes=limits.max_event_bytes
-                        )
-                        if event.terminal:
-                            raise InvalidTurnInput(
-                                f"{event.type!r} is reserved for the pump", field="type"
-                            )
-                        await send.send(event)
-                finally:
-                    aclose = getattr(stream, "aclose", None)
-                    if aclose is not None:
-                        with anyio.CancelScope(shield=True):
-                            await aclose()
+                if self.adapter is not None:
+                    await self._drive_adapter(self.adapter, send)
+                else:
+                    await self._drive_producer(send)
             except PayloadTooLarge as exc:
                 await send.send(_Failure("event_too_large", str(exc)))
             except InvalidTurnInput as exc:
                 await send.send(_Failure("invalid_event", str(exc)))
+            except _TooManyEvents as exc:
+                await send.send(_Failure("too_many_events", str(exc)))
+            except SubstrateCancelled:
+                # In the stream, after what was produced before it: the turn ends cancelled.
+                await send.send(_Failure(_CANCELLED, "the substrate cancelled the run"))
+            except SubstrateFailed as exc:
+                await send.send(_Failure(exc.code, str(exc), exc.retryable))
             except LeaseLost:
                 raise
             except Exception as exc:
@@ -354,6 +362,103 @@ class Pump:
                 await send.send(
                     _Failure("producer_error", f"the producer failed: {type(exc).__name__}", True)
                 )
+
+    async def _drive_producer(self, send: MemoryObjectSendStream[NewEvent | _Failure]) -> None:
+        produce = self.hooks.produce
+        if produce is None:
+            await send.send(_Failure("no_producer", "this turn has no producer"))
+            return
+        context = TurnContext(
+            identity=self.identity,
+            execution_id=self.key.execution_id,
+            input=self.input,
+            attempt=self.attempt,
+        )
+        await self._forward(produce(context), send, scope_all=True)
+
+    async def _drive_adapter(
+        self, adapter: ReconnectAdapter, send: MemoryObjectSendStream[NewEvent | _Failure]
+    ) -> None:
+        failures = 0
+        while True:
+            if self.mode == "resume" or (self.handle is not None and self._produced > 0):
+                assert self.handle is not None
+                stream = adapter.attach(self.handle, self.source_cursor)
+            else:
+                stream = adapter.start(
+                    StartRequest(
+                        execution_id=self.key.execution_id,
+                        identity=self.identity,
+                        input=self.input,
+                        attempt=self.attempt,
+                    )
+                )
+            before = self._produced
+            try:
+                await self._forward(stream, send, scope_all=False)
+                return
+            except (SubstrateFailed, SubstrateCancelled, InvalidTurnInput, _TooManyEvents):
+                raise
+            except Exception as exc:
+                # A broken connection to the substrate is not a failed run: re-attach after
+                # the last event seen, as a takeover would.
+                failures = 0 if self._produced > before else failures + 1
+                if self.handle is None or failures >= _REATTACH_ATTEMPTS:
+                    raise AdapterError(f"the substrate stream broke: {exc!r}") from exc
+                logger.warning(
+                    "substrate stream of %s broke (%r); re-attaching after %s",
+                    self.key.execution_id,
+                    exc,
+                    self.source_cursor,
+                )
+                await anyio.sleep(0.05 * 2**failures)
+
+    async def _forward(
+        self,
+        stream: AsyncIterator[Any],
+        send: MemoryObjectSendStream[NewEvent | _Failure],
+        *,
+        scope_all: bool,
+    ) -> None:
+        limits = self.supervisor.limits
+        try:
+            async for item in stream:
+                self._produced += 1
+                if self._produced > limits.max_events_per_turn:
+                    raise _TooManyEvents(
+                        f"the turn produced more than {limits.max_events_per_turn} events"
+                    )
+                raw_id: str | None
+                if isinstance(item, SupervisedEvent):
+                    if item.handle is not None and self.handle is None:
+                        # Persisted before the event that carries it is logged: whoever takes
+                        # over after this event can re-attach.
+                        await self.supervisor.store.set_handle(
+                            self.key, self.lease, item.handle.to_json()
+                        )
+                        self.handle = item.handle
+                    raw_id, payload = item.event_id, item.payload
+                else:
+                    payload = item
+                    given = item.get("eventId") if isinstance(item, Mapping) else None
+                    raw_id = given if isinstance(given, str) else None
+                if scope_all:
+                    event_id = f"{self.attempt}.{raw_id or self._produced}"
+                elif raw_id:
+                    event_id = self._scoped_id(raw_id)
+                else:
+                    raise InvalidTurnInput("an adapter event needs an event id", field="eventId")
+                event = NewEvent.build(event_id, payload, max_bytes=limits.max_event_bytes)
+                if event.terminal:
+                    raise InvalidTurnInput(f"{event.type!r} is reserved for the pump", field="type")
+                if raw_id:
+                    self.source_cursor = raw_id
+                await send.send(event)
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(_CANCEL_TIMEOUT_S):
+                    await aclose()
 
     def _completion(self, status: RunStatus) -> TurnCompletion:
         return TurnCompletion(

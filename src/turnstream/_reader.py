@@ -58,6 +58,9 @@ async def read_run(
                 if run.status.finished and run.last_seq <= cursor:
                     return  # a cursor at (or past) the end of a finished log
                 if not run.status.finished and not run.lease_live:
+                    if await supervisor.recover(key):
+                        stalled_checks = 0
+                        continue  # this worker (or another) re-attached: keep following
                     stalled_checks += 1
                     # The owner is gone. A takeover (next request, or the sweeper) will go
                     # on writing; give it one more block period, then let the client retry

@@ -201,6 +201,23 @@ class TurnStore(Protocol):
         """
         ...
 
+    async def claim(self, key: RunKey, *, holder: str, lease_ms: int) -> BeginResult | None:
+        """Take over a run whose lease lapsed, without an input (the sweeper, a resume GET).
+
+        None when there is no such run; COMPLETED when it finished; LIVE while its lease is
+        held; TAKEOVER (lease given to ``holder`` with a new fencing token) when it lapsed.
+        Never creates a run.
+        """
+        ...
+
+    async def lapsed_runs(self, *, limit: int = 100) -> list[RunKey]:
+        """Unfinished runs whose lease has lapsed, oldest expiry first.
+
+        Best effort (on Redis an index beside the runs, which are the truth): a key may be
+        stale, so callers confirm with :meth:`claim`.
+        """
+        ...
+
     async def get_run(self, key: RunKey) -> RunRecord | None:
         """The run's record, or None when there is none (or it expired)."""
         ...

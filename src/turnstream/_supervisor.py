@@ -11,19 +11,20 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
-from ._exceptions import LeaseLost, StoreError, StoreUnavailable
+from ._adapter import ReconnectAdapter, RunHandle
+from ._exceptions import InvalidTurnInput, LeaseLost, StoreError, StoreUnavailable
 from ._hooks import Limits, TurnCompletion, TurnHooks
-from ._identity import TurnIdentity
+from ._identity import TurnIdentity, parse_execution_id
 from ._live import LiveRun
-from ._pump import Pump
-from ._store import BeginResult, Lease, RunKey, TurnStore
+from ._pump import Pump, PumpMode
+from ._store import BeginOutcome, BeginResult, Lease, RunKey, TurnStore
 from ._writer import LogWriter
 from .stores._memory import MemoryStore
 
@@ -46,6 +47,9 @@ class Supervisor:
       over; the heartbeat renews every ``lease_ms / 3``.
     * ``shutdown_grace_s`` — on shutdown, how long running turns may go on before their
       leases are released for another worker to resume.
+    * ``adapters`` — the reconnect adapters this worker can re-attach with (by
+      ``RunHandle.kind``); with any, an orphan sweeper takes over lapsed reconnectable runs
+      every ``sweep_interval_ms``, and ``hooks`` are the post hooks of such recovered runs.
     """
 
     def __init__(
@@ -58,6 +62,9 @@ class Supervisor:
         limits: Limits | None = None,
         shutdown_grace_s: float = 10.0,
         follow_block_ms: int | None = None,
+        adapters: Sequence[ReconnectAdapter] = (),
+        hooks: TurnHooks | None = None,
+        sweep_interval_ms: int | None = None,
     ) -> None:
         if lease_ms < 30:
             raise ValueError("lease_ms must be at least 30")
@@ -70,6 +77,12 @@ class Supervisor:
         # A reader blocked on the store re-checks the run at least once a lease period.
         self.follow_block_ms = follow_block_ms or min(lease_ms, 5_000)
         self.writer = LogWriter(self.store)
+        self._adapters: dict[str, ReconnectAdapter] = {}
+        for adapter in adapters:
+            self.register_adapter(adapter)
+        # Post hooks for runs this worker recovers without a request (the sweeper).
+        self.hooks = hooks or TurnHooks()
+        self.sweep_interval_ms = sweep_interval_ms or max(lease_ms // 2, 10)
         self._pumps: dict[RunKey, Pump] = {}
         self._idle = anyio.Event()
         self._idle.set()
@@ -131,6 +144,7 @@ class Supervisor:
         try:
             await tg.start(self.writer.run)
             tg.start_soon(self._heartbeat)
+            tg.start_soon(self._sweeper)
         except BaseException:
             tg.cancel_scope.cancel()
             await tg.__aexit__(None, None, None)
@@ -218,7 +232,9 @@ class Supervisor:
         identity: TurnIdentity,
         input: Mapping[str, Any],
         hooks: TurnHooks,
-        restart: bool,
+        mode: PumpMode,
+        adapter: ReconnectAdapter | None = None,
+        handle: RunHandle | None = None,
     ) -> LiveRun:
         """Run the pump of a run this worker just leased (FRESH or TAKEOVER)."""
         if self._tg is None:
@@ -235,8 +251,10 @@ class Supervisor:
             hooks=hooks,
             attempt=run.attempt,
             last_seq=run.last_seq,
-            restart=restart,
+            mode=mode,
             live=live,
+            adapter=adapter,
+            handle=handle,
         )
         previous = self._pumps.get(run.key)
         if previous is not None:
@@ -264,6 +282,66 @@ class Supervisor:
         except StoreError:
             logger.warning("could not release the lease on %s", key.execution_id)
 
+    def register_adapter(self, adapter: ReconnectAdapter) -> None:
+        """Let this worker re-attach to runs whose handle names ``adapter.kind``."""
+        known = self._adapters.get(adapter.kind)
+        if known is not None and known is not adapter:
+            raise ValueError(f"another adapter is registered for kind {adapter.kind!r}")
+        self._adapters[adapter.kind] = adapter
+
+    def adapter_for(
+        self, handle: Mapping[str, Any] | None
+    ) -> tuple[ReconnectAdapter, RunHandle] | None:
+        """The registered adapter for a persisted handle, with the handle parsed."""
+        if handle is None:
+            return None
+        try:
+            parsed = RunHandle.from_json(handle)
+        except InvalidTurnInput:
+            logger.warning("ignoring a malformed run handle: %r", handle)
+            return None
+        adapter = self._adapters.get(parsed.kind)
+        return None if adapter is None else (adapter, parsed)
+
+    async def recover(self, key: RunKey) -> bool:
+        """Take over a lapsed, reconnectable run and re-attach to its substrate.
+
+        True when the run now has a live owner (this worker, or one that beat us to it).
+        A run without a handle (its producer is not reconnectable) is left for the next
+        request of its turn, which restarts it.
+        """
+        if self._tg is None or self._closing:
+            return False
+        if key in self._pumps:
+            return True
+        run = await self.store.get_run(key)
+        if run is None or run.status.finished:
+            return False
+        if run.lease_live:
+            return True
+        found = self.adapter_for(run.handle)
+        if found is None:
+            return False
+        result = await self.store.claim(key, holder=self.worker_id, lease_ms=self.lease_ms)
+        if result is None or result.outcome is BeginOutcome.COMPLETED:
+            return False
+        if result.outcome is not BeginOutcome.TAKEOVER:
+            return result.outcome is BeginOutcome.LIVE
+        adapter, handle = found
+        project, session, turn = parse_execution_id(key.execution_id)
+        identity = TurnIdentity(key.tenant_id, project, session, result.run.user_id, turn)
+        logger.info("re-attaching to %s after %s", key.execution_id, result.run.last_seq)
+        self.start_pump(
+            result,
+            identity=identity,
+            input={},
+            hooks=self.hooks,
+            mode="resume",
+            adapter=adapter,
+            handle=handle,
+        )
+        return True
+
     async def cancel(self, key: RunKey) -> bool:
         """Raise the run's cancel flag; the owner (here or elsewhere) sees it within a
         heartbeat. True when the run exists and is unfinished."""
@@ -284,6 +362,24 @@ class Supervisor:
             async with anyio.create_task_group() as tg:
                 for pump in pumps:
                     tg.start_soon(self._renew, pump)
+
+    async def _sweeper(self) -> None:
+        while True:
+            await anyio.sleep(self.sweep_interval_ms / 1000)
+            if not self._adapters or self._closing:
+                continue
+            try:
+                keys = await self.store.lapsed_runs(limit=50)
+            except StoreError:
+                logger.warning("the orphan sweeper could not list lapsed runs")
+                continue
+            for key in keys:
+                try:
+                    await self.recover(key)
+                except StoreError:
+                    logger.warning("could not recover %s", key.execution_id)
+                except Exception:
+                    logger.exception("recovering %s failed", key.execution_id)
 
     async def _renew(self, pump: Pump) -> None:
         if pump.finished or pump.lost:

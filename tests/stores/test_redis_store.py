@@ -6,6 +6,7 @@ on fakeredis and on the session's throwaway redis-server, never on the shared on
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 import uuid
@@ -18,6 +19,8 @@ import fakeredis
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import given
+from hypothesis import strategies as st
 from redis import exceptions as rx
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -26,8 +29,16 @@ from redis.crc import key_slot
 from turnstream._events import LoggedEvent, NewEvent
 from turnstream._exceptions import LeaseLost, StoreError, StoreUnavailable
 from turnstream._identity import derive_execution_id
-from turnstream._store import AppendRequest, BeginOutcome, Lease, RunKey, RunStatus
+from turnstream._store import (
+    AppendRequest,
+    BeginOutcome,
+    BeginResult,
+    Lease,
+    RunKey,
+    RunStatus,
+)
 from turnstream.stores import RedisSettings, RedisStore
+from turnstream.stores.redis._keys import run_key_from_tag
 
 
 @dataclass
@@ -75,10 +86,18 @@ def new_key(tenant_id: str = "acme") -> RunKey:
     return RunKey(tenant_id, derive_execution_id("project", f"s-{uuid.uuid4().hex}", 1))
 
 
+async def begin_result(store: RedisStore, key: RunKey, holder: str = "w1") -> BeginResult:
+    return await store.begin(key, input_hash="h", user_id="u", holder=holder, lease_ms=60_000)
+
+
 async def begin(store: RedisStore, key: RunKey, holder: str = "w1") -> Lease:
     result = await store.begin(key, input_hash="h", user_id="u", holder=holder, lease_ms=60_000)
     assert result.lease is not None
     return result.lease
+
+
+def leases_key(backend: Backend) -> bytes:
+    return f"{backend.prefix}:leases".encode()
 
 
 def closed_port() -> int:
@@ -106,8 +125,10 @@ async def test_keys_of_a_run_share_one_hash_tag_and_slot(backend: Backend) -> No
     assert await raw.type(names["ids"]) == b"hash"
     assert await raw.hgetall(names["ids"]) == {b"a": b"1"}
     assert len({key_slot(name) for name in names.values()}) == 1
-    # Nothing else was written under this prefix.
-    assert sorted(await raw.keys(f"{backend.prefix}:*")) == sorted(names.values())
+    # Nothing else was written under this prefix but the lease index, which is no run's.
+    leases = f"{backend.prefix}:leases".encode()
+    assert sorted(await raw.keys(f"{backend.prefix}:*")) == sorted([*names.values(), leases])
+    assert await raw.zrange(leases, 0, -1) == [tag.encode()]
 
 
 async def test_runs_of_other_tenants_and_turns_get_other_keys(backend: Backend) -> None:
@@ -136,6 +157,278 @@ def test_decoding_clients_are_refused() -> None:
             fakeredis.FakeAsyncRedis(),
             blocking_client=fakeredis.FakeAsyncRedis(decode_responses=True),
         )
+
+
+# -- run tags, parsed back -------------------------------------------------------------------
+
+# Any str but lone surrogates, which no Redis key (UTF-8) can hold.
+_TEXT = st.text(st.characters(blacklist_categories=["Cs"]))
+
+
+@given(tenant_id=_TEXT, execution_id=_TEXT)
+def test_a_run_tag_parses_back_to_its_key(tenant_id: str, execution_id: str) -> None:
+    key = RunKey(tenant_id, execution_id)
+    assert run_key_from_tag(key.tag) == key
+    assert run_key_from_tag(key.tag.encode()) == key
+
+
+@pytest.mark.parametrize(
+    ("tenant_id", "execution_id"),
+    [
+        ("a/b", "p:s:1"),
+        ("a%2Fb", "p:s:1"),
+        ("100%", "p/with/slashes:1"),
+        ("", ""),
+        ("/", "/"),
+        ("ünï 🌍", "é:%41:1"),
+        ("%zz", "x"),
+        ("~-._", "x"),
+    ],
+)
+def test_odd_tenants_parse_back_exactly(tenant_id: str, execution_id: str) -> None:
+    key = RunKey(tenant_id, execution_id)
+    assert "/" not in key.tag.partition("/")[0]
+    parsed = run_key_from_tag(key.tag)
+    assert (parsed.tenant_id, parsed.execution_id) == (tenant_id, execution_id)
+
+
+@pytest.mark.parametrize(
+    "tag",
+    [
+        "no-slash-at-all",
+        "a b/x",  # a space RunKey.tag would have escaped
+        "%2f/x",  # lower-case escape: RunKey.tag writes %2F
+        "%41/x",  # an escape of something that needs none
+        "%zz/x",
+        "%C3/x",  # half a UTF-8 sequence
+        "ü/x",
+        b"\xff/x",
+    ],
+)
+def test_only_tags_run_key_tag_writes_parse(tag: str | bytes) -> None:
+    with pytest.raises(ValueError):
+        run_key_from_tag(tag)
+
+
+# -- the lease index -------------------------------------------------------------------------
+
+
+async def test_the_lease_index_follows_every_lease_change(backend: Backend) -> None:
+    store = backend.store()
+    raw = backend.client()
+    key = new_key("tenant/ü%")
+    member = key.tag.encode()
+
+    async def indexed() -> float | None:
+        score: float | None = await raw.zscore(leases_key(backend), member)
+        return score
+
+    async def expiry() -> int:
+        run = await store.get_run(key)
+        assert run is not None
+        return run.lease_expires_at_ms
+
+    lease = await begin(store, key)
+    assert await raw.type(leases_key(backend)) == b"zset"
+    assert await indexed() == await expiry()
+    before = await expiry()
+    await store.renew(key, lease, lease_ms=120_000)
+    assert await indexed() == await expiry() > before
+    await store.release(key, lease)
+    assert await indexed() == 0 == await expiry()
+    claimed = await store.claim(key, holder="w2", lease_ms=60_000)
+    assert claimed is not None and claimed.lease is not None
+    assert claimed.outcome is BeginOutcome.TAKEOVER
+    assert await indexed() == claimed.run.lease_expires_at_ms == await expiry()
+    # A stale lease's release and renewal leave the entry alone, like the run.
+    await store.release(key, lease)
+    with pytest.raises(LeaseLost):
+        await store.renew(key, lease, lease_ms=1)
+    assert await indexed() == await expiry()
+    # Joins write nothing.
+    joined = await store.claim(key, holder="w3", lease_ms=1)
+    assert joined is not None and joined.outcome is BeginOutcome.LIVE
+    assert (await begin_result(store, key, "w3")).outcome is BeginOutcome.LIVE
+    assert await indexed() == await expiry()
+    await store.finish(
+        key,
+        claimed.lease,
+        status=RunStatus.COMPLETED,
+        terminal=event("end", "session.run.completed"),
+        final_text="x",
+    )
+    assert await indexed() is None
+
+
+async def test_a_takeover_by_begin_is_indexed(backend: Backend) -> None:
+    store = backend.store()
+    raw = backend.client()
+    key = new_key()
+    lease = await begin(store, key, "w1")
+    await store.renew(key, lease, lease_ms=1)
+    await anyio.sleep(0.03)
+    taken = await begin_result(store, key, "w2")
+    assert taken.outcome is BeginOutcome.TAKEOVER
+    score = await raw.zscore(leases_key(backend), key.tag.encode())
+    assert score == taken.run.lease_expires_at_ms
+
+
+async def test_claim_drops_index_entries_of_runs_gone_or_finished(backend: Backend) -> None:
+    store = backend.store()
+    raw = backend.client()
+    gone, finished = new_key(), new_key("t/2")
+    lease = await begin(store, finished)
+    await store.finish(
+        finished,
+        lease,
+        status=RunStatus.FAILED,
+        terminal=event("end", "session.run.failed"),
+        final_text=None,
+    )
+    # What a crashed client or a lost ZREM leaves behind: entries saying "lapsed" for a run
+    # that expired and for one that finished.
+    await raw.zadd(leases_key(backend), {gone.tag.encode(): 0, finished.tag.encode(): 0})
+    assert await store.claim(gone, holder="sweeper", lease_ms=60_000) is None
+    result = await store.claim(finished, holder="sweeper", lease_ms=60_000)
+    assert result is not None and result.outcome is BeginOutcome.COMPLETED
+    assert await raw.zrange(leases_key(backend), 0, -1) == []
+    assert await store.get_run(gone) is None  # and the claim created nothing
+
+
+async def test_lapsed_runs_checks_the_runs_and_mends_the_index(backend: Backend) -> None:
+    store = backend.store()
+    raw = backend.client()
+    leases = leases_key(backend)
+    orphan, live, gone, finished, squatted = (new_key(f"t{n}") for n in range(5))
+    await store.release(orphan, await begin(store, orphan))
+    await begin(store, live)
+    lease = await begin(store, finished)
+    await store.finish(
+        finished,
+        lease,
+        status=RunStatus.COMPLETED,
+        terminal=event("end", "session.run.completed"),
+        final_text="x",
+    )
+    await raw.set(f"{backend.prefix}:{{{squatted.tag}}}:run", b"not a hash")
+    # Entries that claim more than the runs' hashes say, all due before the real orphan's.
+    await raw.zadd(
+        leases,
+        {
+            live.tag.encode(): 0,
+            gone.tag.encode(): 0,
+            finished.tag.encode(): 0,
+            squatted.tag.encode(): 0,
+            b"not a run tag": 0,
+            b"%zz/x": 0,
+        },
+    )
+    assert await store.lapsed_runs() == [orphan]
+    # Dropped: the gone, the finished and the foreign; the live one's real expiry restored;
+    # a key squatted by something else is not the store's to judge, so it stays.
+    live_run = await store.get_run(live)
+    assert live_run is not None
+    assert await raw.zscore(leases, live.tag.encode()) == live_run.lease_expires_at_ms
+    assert sorted(await raw.zrange(leases, 0, -1)) == sorted(
+        [orphan.tag.encode(), live.tag.encode(), squatted.tag.encode()]
+    )
+    assert await store.lapsed_runs() == [orphan]
+
+
+async def test_a_broken_lease_index_never_fails_a_run_write(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = backend.store()
+    # Every ZADD and ZREM on the index now fails with WRONGTYPE.
+    await backend.client().set(leases_key(backend), b"not a sorted set")
+    key = new_key()
+    with caplog.at_level(logging.WARNING, logger="turnstream.store.redis"):
+        lease = await begin(store, key)
+        assert await store.append(key, lease, [event("a")]) == [1]
+        assert (await store.renew(key, lease, lease_ms=60_000)).cancel_requested is False
+        await store.release(key, lease)
+        claimed = await store.claim(key, holder="w2", lease_ms=60_000)
+        assert claimed is not None and claimed.lease is not None
+        assert claimed.outcome is BeginOutcome.TAKEOVER
+        assert await store.append(key, claimed.lease, [event("b")]) == [2]
+        seq = await store.finish(
+            key,
+            claimed.lease,
+            status=RunStatus.COMPLETED,
+            terminal=event("end", "session.run.completed"),
+            final_text="ab",
+        )
+        assert seq == 3
+        completed = await store.claim(key, holder="w3", lease_ms=60_000)
+        assert completed is not None and completed.outcome is BeginOutcome.COMPLETED
+    warned = [r for r in caplog.records if "lease index not updated" in r.getMessage()]
+    # begin, renew, release, claim (takeover), finish, claim (completed): each one logged.
+    assert len(warned) == 6, [r.getMessage() for r in caplog.records]
+    run = await store.get_run(key)
+    assert run is not None and (run.status, run.final_text) == (RunStatus.COMPLETED, "ab")
+    # Reading the index is lapsed_runs' own work, so there a broken index is an error.
+    with pytest.raises(StoreError):
+        await store.lapsed_runs()
+
+
+async def test_a_lost_index_write_is_swallowed(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = backend.store()
+    calls: list[str] = []
+
+    async def lost(*args: Any, **kwargs: Any) -> Any:
+        calls.append("index")
+        raise rx.ConnectionError("connection lost while writing the index")
+
+    monkeypatch.setattr(store._client, "zadd", lost)
+    monkeypatch.setattr(store._client, "zrem", lost)
+    key = new_key()
+    lease = await begin(store, key)
+    assert await store.append(key, lease, [event("a")]) == [1]
+    assert (await store.renew(key, lease, lease_ms=60_000)).cancel_requested is False
+    await store.release(key, lease)
+    claimed = await store.claim(key, holder="w2", lease_ms=60_000)
+    assert claimed is not None and claimed.lease is not None
+    await store.finish(
+        key,
+        claimed.lease,
+        status=RunStatus.CANCELLED,
+        terminal=event("end", "session.run.cancelled"),
+        final_text=None,
+    )
+    assert len(calls) == 5
+    assert await backend.client().exists(leases_key(backend)) == 0
+
+
+async def test_a_resent_claim_gets_the_lease_it_was_granted(backend: Backend) -> None:
+    store = backend.store()
+    key = new_key()
+    await store.release(key, await begin(store, key, "w1"))
+    run_key = f"{backend.prefix}:{{{key.tag}}}:run".encode()
+    args = [b"w2", b"60000", b"claim-1"]
+    # As redis-py does when the reply to the first was lost: the very same call again.
+    first = await store._scripts.claim(keys=[run_key], args=args)
+    again = await store._scripts.claim(keys=[run_key], args=args)
+    assert (first[0], again[0]) == (b"takeover", b"takeover")
+    for reply in (first, again):
+        assert dict(zip(reply[2][::2], reply[2][1::2], strict=True))[b"lease_token"] == b"2"
+    other = await store.claim(key, holder="w2", lease_ms=60_000)
+    assert other is not None and other.outcome is BeginOutcome.LIVE  # a new request joins
+    assert other.run.lease_token == 2
+
+
+async def test_a_resent_begin_does_not_get_a_later_claims_lease(backend: Backend) -> None:
+    store = backend.store()
+    key = new_key()
+    keys = [f"{backend.prefix}:{{{key.tag}}}:{s}".encode() for s in ("run", "log", "ids")]
+    args = [b"h", b"u", b"w1", b"60000", b"request-1"]
+    assert (await store._scripts.begin(keys=keys, args=args))[0] == b"fresh"
+    await store.release(key, Lease("w1", 1))
+    claimed = await store.claim(key, holder="w1", lease_ms=60_000)
+    assert claimed is not None and claimed.lease == Lease("w1", 2)
+    # The first begin's resend arrives late: the claim's lease is not the one it was granted.
+    assert (await store._scripts.begin(keys=keys, args=args))[0] == b"live"
 
 
 # -- stream ids and bytes --------------------------------------------------------------------

@@ -6,6 +6,7 @@ each is atomic exactly like a Lua script on Redis.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -271,6 +272,39 @@ class MemoryStore:
             return
         run.lease_expires_at_ms = 0
         self._wake(run)
+
+    async def claim(self, key: RunKey, *, holder: str, lease_ms: int) -> BeginResult | None:
+        self._check_open()
+        now = self._clock()
+        run = self._get(key)
+        if run is None:
+            return None
+        if run.status.finished:
+            return BeginResult(BeginOutcome.COMPLETED, self._record(run), None)
+        if run.lease_holder is not None and run.lease_expires_at_ms > now:
+            return BeginResult(BeginOutcome.LIVE, self._record(run), None)
+        run.lease_holder = holder
+        run.lease_token += 1
+        run.lease_expires_at_ms = now + lease_ms
+        return BeginResult(
+            BeginOutcome.TAKEOVER, self._record(run), Lease(holder, run.lease_token)
+        )
+
+    async def lapsed_runs(self, *, limit: int = 100) -> list[RunKey]:
+        self._check_open()
+        if limit <= 0:
+            return []
+        now = self._clock()
+        lapsed: list[_Run] = []
+        for key in list(self._runs):  # _get drops expired runs as it goes
+            run = self._get(key)
+            if run is None or run.status.finished:
+                continue
+            if run.lease_holder is None or run.lease_expires_at_ms <= now:
+                lapsed.append(run)
+        # Exact, unlike RedisStore's index. nsmallest is stable: ties in creation order.
+        oldest = heapq.nsmallest(limit, lapsed, key=lambda run: run.lease_expires_at_ms)
+        return [run.key for run in oldest]
 
     async def get_run(self, key: RunKey) -> RunRecord | None:
         self._check_open()

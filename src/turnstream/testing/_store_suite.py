@@ -83,7 +83,13 @@ class StoreConformance:
 
     Override either for a store with a fake clock or a chaos hook (``MemoryStore`` has
     ``expire_lease``) to keep the suite free of sleeps. With the defaults the suite sleeps
-    about a second in all.
+    about a second in all. A lease lapsed by :meth:`lapse_lease` must show in
+    :meth:`~turnstream.TurnStore.lapsed_runs` like one whose owner died (a hook that edits a
+    run behind the back of the store's own index would hide it).
+
+    The :meth:`~turnstream.TurnStore.lapsed_runs` tests look only for their own runs in its
+    answer, so a store shared between tests works here too, as long as it does not hold
+    more than 100,000 lapsed runs.
     """
 
     #: Leases the suite takes when it does not want them to lapse during a test.
@@ -163,6 +169,23 @@ class StoreConformance:
 
     async def log(self, store: TurnStore, key: RunKey) -> list[LoggedEvent]:
         return await store.read(key, after=0, limit=100_000)
+
+    async def claim(
+        self,
+        store: TurnStore,
+        key: RunKey,
+        holder: str = "worker-b",
+        *,
+        lease_ms: int | None = None,
+    ) -> BeginResult | None:
+        return await store.claim(
+            key, holder=holder, lease_ms=self.lease_ms if lease_ms is None else lease_ms
+        )
+
+    async def lapsed_among(self, store: TurnStore, keys: Sequence[RunKey]) -> list[RunKey]:
+        """Those of ``keys`` that ``lapsed_runs`` lists, in its order (the store may hold more)."""
+        wanted = set(keys)
+        return [key for key in await store.lapsed_runs(limit=100_000) if key in wanted]
 
     # -- begin ----------------------------------------------------------------------------
 
@@ -1025,6 +1048,294 @@ class StoreConformance:
         )
         assert (await self.begin(store, key, "worker-c")).outcome is BeginOutcome.LIVE
         assert await store.append(key, current, [_delta("e1")]) == [1]
+
+    # -- claim ----------------------------------------------------------------------------
+
+    async def test_claim_of_an_unknown_run_is_none_and_creates_nothing(
+        self, store: TurnStore
+    ) -> None:
+        key = self.new_key()
+        assert await self.claim(store, key) is None
+        assert await self.claim(store, key, "worker-a") is None
+        assert await store.get_run(key) is None
+        assert await store.read(key) == []
+        assert await self.lapsed_among(store, [key]) == []
+        # The run begins from scratch afterwards: the first token, a fresh record.
+        assert await self.own(store, key, "worker-a") == Lease("worker-a", 1)
+
+    async def test_claim_of_a_live_run_joins_and_leaves_the_lease(self, store: TurnStore) -> None:
+        key = self.new_key()
+        lease = await self.own(store, key, "worker-a")
+        await store.append(key, lease, [_delta("e1")])
+        before = await self.run_record(store, key)
+        for holder in ("worker-b", "worker-a"):
+            result = await self.claim(store, key, holder)
+            assert result is not None
+            assert result.outcome is BeginOutcome.LIVE, (holder, result)
+            assert result.lease is None
+            assert (result.run.lease_holder, result.run.lease_token) == ("worker-a", lease.token)
+            assert result.run.lease_live is True
+            assert result.run.last_seq == 1
+        after = await self.run_record(store, key)
+        assert (after.lease_holder, after.lease_token, after.lease_expires_at_ms) == (
+            before.lease_holder,
+            before.lease_token,
+            before.lease_expires_at_ms,
+        )
+        assert await store.append(key, lease, [_delta("e2")]) == [2]
+
+    async def test_claim_of_a_finished_run_is_completed(self, store: TurnStore) -> None:
+        key = self.new_key()
+        lease = await self.own(store, key)
+        await store.append(key, lease, [_delta("e1")])
+        await self.lapse_lease(store, key, lease)  # a lapsed lease does not reopen it either
+        await store.finish(
+            key,
+            lease,
+            status=RunStatus.CANCELLED,
+            terminal=_terminal(RunStatus.CANCELLED),
+            final_text="partial",
+        )
+        record = await self.run_record(store, key)
+        for holder in ("worker-a", "worker-b"):
+            result = await self.claim(store, key, holder)
+            assert result is not None
+            assert result.outcome is BeginOutcome.COMPLETED, (holder, result)
+            assert result.lease is None
+            assert result.run.status is RunStatus.CANCELLED
+            assert result.run.final_text == "partial"
+            assert result.run.last_seq == 2
+            assert result.run.lease_live is False
+        assert await self.run_record(store, key) == record
+        assert _summary(await self.log(store, key)) == [(1, "e1"), (2, "terminal")]
+
+    async def test_claim_takes_over_a_lapsed_run_and_fences_the_old_holder(
+        self, store: TurnStore
+    ) -> None:
+        key = self.new_key()
+        old = await self.own(store, key, "worker-a")
+        await store.append(key, old, [_delta("e1"), _delta("e2")])
+        await store.set_handle(key, old, {"kind": "test", "runId": "r1"})
+        await self.lapse_lease(store, key, old)
+        lapsed = await self.run_record(store, key)
+        assert lapsed.lease_live is False
+
+        result = await self.claim(store, key, "worker-b")
+        assert result is not None
+        assert result.outcome is BeginOutcome.TAKEOVER, result
+        assert result.lease == Lease("worker-b", old.token + 1)
+        run = result.run
+        assert (run.lease_holder, run.lease_token) == ("worker-b", old.token + 1)
+        assert run.lease_live is True
+        assert run.status is RunStatus.RUNNING
+        assert run.last_seq == 2
+        assert run.attempt == 1  # like begin's takeover: the attempt goes on
+        assert (run.input_hash, run.user_id) == ("hash-1", "user-1")
+        assert run.created_at_ms == lapsed.created_at_ms
+        assert run.handle is not None and dict(run.handle) == {"kind": "test", "runId": "r1"}
+        # now + lease_ms by the store's clock: not before the run was created, and not later
+        # than this test could have taken.
+        expiry_after_creation = run.lease_expires_at_ms - run.created_at_ms - self.lease_ms
+        assert 0 <= expiry_after_creation < 30_000, run
+        assert await store.get_run(key) == run
+
+        new = result.lease
+        with pytest.raises(LeaseLost):
+            await store.append(key, old, [_delta("e3", "from the dead writer")])
+        with pytest.raises(LeaseLost):
+            await store.renew(key, old, lease_ms=self.lease_ms)
+        with pytest.raises(LeaseLost):
+            await store.set_handle(key, old, {"kind": "test", "runId": "stale"})
+        with pytest.raises(LeaseLost):
+            await store.restart(key, old)
+        with pytest.raises(LeaseLost):
+            await store.finish(
+                key,
+                old,
+                status=RunStatus.FAILED,
+                terminal=_terminal(RunStatus.FAILED),
+                final_text=None,
+            )
+        [batch] = await store.append_batch([AppendRequest(key, old, [_delta("e3")])])
+        assert isinstance(batch, LeaseLost), batch
+        await store.release(key, old)  # ignored: not the current lease
+        assert (await self.run_record(store, key)).lease_live is True
+
+        assert await store.append(key, new, [_delta("e3")]) == [3]
+        for holder in ("worker-c", "worker-a"):
+            claimed = await self.claim(store, key, holder)
+            assert claimed is not None and claimed.outcome is BeginOutcome.LIVE, claimed
+            assert claimed.run.lease_holder == "worker-b"
+        joined = await self.begin(store, key, "worker-c")
+        assert joined.outcome is BeginOutcome.LIVE
+        assert _summary(await self.log(store, key)) == [(1, "e1"), (2, "e2"), (3, "e3")]
+
+    async def test_every_takeover_increments_the_token(self, store: TurnStore) -> None:
+        key = self.new_key()
+        first = await self.own(store, key, "worker-a")
+        leases = [first]
+        for holder in ("worker-b", "worker-c"):
+            await self.lapse_lease(store, key, leases[-1])
+            result = await self.claim(store, key, holder)
+            assert result is not None and result.lease is not None, result
+            leases.append(result.lease)
+        # begin and claim draw from the one counter.
+        leases.append(await self.take_over(store, key, leases[-1], "worker-d"))
+        # A released lease is claimable at once, without waiting for it to lapse.
+        await store.release(key, leases[-1])
+        result = await self.claim(store, key, "worker-a")
+        assert result is not None and result.lease is not None, result
+        leases.append(result.lease)
+        assert [lease.token for lease in leases] == [1, 2, 3, 4, 5]
+        assert leases[-1] == Lease("worker-a", 5)
+        # The same holder name with an old token is a stale writer all the same.
+        with pytest.raises(LeaseLost):
+            await store.append(key, first, [_delta("e1")])
+        record = await self.run_record(store, key)
+        assert (record.lease_holder, record.lease_token) == ("worker-a", 5)
+        assert await store.append(key, leases[-1], [_delta("e1")]) == [1]
+
+    async def test_a_claim_keeps_a_requested_cancel(self, store: TurnStore) -> None:
+        key = self.new_key()
+        lease = await self.own(store, key)
+        assert await store.request_cancel(key) is True
+        await self.lapse_lease(store, key, lease)
+        result = await self.claim(store, key)
+        assert result is not None and result.lease is not None, result
+        assert result.run.cancel_requested is True  # the new owner ends the run as asked
+        assert (await store.renew(key, result.lease, lease_ms=self.lease_ms)).cancel_requested
+
+    async def test_concurrent_claims_take_a_lapsed_run_over_once(self, store: TurnStore) -> None:
+        key = self.new_key()
+        old = await self.own(store, key, "worker-dead")
+        await self.lapse_lease(store, key, old)
+        results: dict[str, BeginResult | None] = {}
+
+        async def claim(holder: str) -> None:
+            results[holder] = await self.claim(store, key, holder)
+
+        async with anyio.create_task_group() as tg:
+            for n in range(6):
+                tg.start_soon(claim, f"worker-{n}")
+        outcomes = [r.outcome if r is not None else None for r in results.values()]
+        assert outcomes.count(BeginOutcome.TAKEOVER) == 1, results
+        assert outcomes.count(BeginOutcome.LIVE) == 5, results
+        [winner] = [r.lease for r in results.values() if r is not None and r.lease is not None]
+        assert winner.token == old.token + 1
+        record = await self.run_record(store, key)
+        assert (record.lease_holder, record.lease_token) == (winner.holder, winner.token)
+
+    # -- lapsed_runs ----------------------------------------------------------------------
+
+    async def test_lapsed_runs_lists_unfinished_runs_whose_lease_lapsed(
+        self, store: TurnStore
+    ) -> None:
+        live, orphan, done = self.new_key(), self.new_key(), self.new_key()
+        await self.own(store, live)
+        orphan_lease = await self.own(store, orphan)
+        done_lease = await self.own(store, done)
+        assert await self.lapsed_among(store, [live, orphan, done]) == []
+
+        await self.lapse_lease(store, orphan, orphan_lease)
+        await self.lapse_lease(store, done, done_lease)
+        assert set(await self.lapsed_among(store, [live, orphan, done])) == {orphan, done}
+        # A finished run is never an orphan, whatever its lease did.
+        await store.finish(
+            done,
+            done_lease,
+            status=RunStatus.COMPLETED,
+            terminal=_terminal(RunStatus.COMPLETED),
+            final_text="t",
+        )
+        assert await self.lapsed_among(store, [live, orphan, done]) == [orphan]
+
+        # What the sweeper does with it: claim it, after which it is no longer lapsed…
+        result = await self.claim(store, orphan, "sweeper")
+        assert result is not None and result.lease is not None, result
+        assert await self.lapsed_among(store, [live, orphan, done]) == []
+        # …until the sweeper's own lease lapses, and not after the run finished.
+        await self.lapse_lease(store, orphan, result.lease)
+        assert await self.lapsed_among(store, [orphan]) == [orphan]
+        await store.finish(
+            orphan,
+            result.lease,
+            status=RunStatus.FAILED,
+            terminal=_terminal(RunStatus.FAILED),
+            final_text=None,
+        )
+        assert await self.lapsed_among(store, [live, orphan, done]) == []
+
+    async def test_a_released_run_is_lapsed_at_once(self, store: TurnStore) -> None:
+        key, other = self.new_key(), self.new_key()
+        lease = await self.own(store, key)
+        assert await self.lapsed_among(store, [key]) == []
+        await store.release(key, lease)  # no clock has to move
+        assert await self.lapsed_among(store, [key]) == [key]
+        # A stale lease's release leaves the current owner's run alone.
+        stale = await self.own(store, other, "worker-a")
+        current = await self.take_over(store, other, stale, "worker-b")
+        await store.release(other, stale)
+        assert await self.lapsed_among(store, [key, other]) == [key]
+        # A renewal takes a released run off the list again.
+        await store.renew(other, current, lease_ms=self.lease_ms)
+        assert await self.lapsed_among(store, [other]) == []
+
+    async def test_lapsed_runs_are_oldest_expiry_first_and_limited(self, store: TurnStore) -> None:
+        keys = [self.new_key() for _ in range(3)]
+        leases = [await self.own(store, key) for key in keys]
+        # Three expiries in a row, each in the past before the next is set.
+        for key, lease in zip(keys, leases, strict=True):
+            await store.renew(key, lease, lease_ms=1)
+            await self.advance_clock(store, 1 + self.lapse_margin_ms)
+        assert await self.lapsed_among(store, keys) == keys
+
+        every = await store.lapsed_runs(limit=100_000)
+        assert len(every) >= 3
+        expiries = [(await self.run_record(store, key)).lease_expires_at_ms for key in every]
+        assert expiries == sorted(expiries), list(zip(every, expiries, strict=True))
+        assert await store.lapsed_runs(limit=2) == every[:2]
+        assert await store.lapsed_runs(limit=1) == every[:1]
+        assert len(await store.lapsed_runs()) <= 100
+        assert await store.lapsed_runs(limit=0) == []
+        assert await store.lapsed_runs(limit=-1) == []
+
+    async def test_lapsed_runs_give_back_the_exact_keys(self, store: TurnStore) -> None:
+        unique = uuid.uuid4().hex
+        tenants = [
+            "acme",
+            "",
+            "a/b",
+            "a%2Fb",
+            "100%",
+            "%",
+            "/",
+            "//x//",
+            "t/",
+            "{x}",
+            "ünïcødé 🌍",
+            "日本/語",
+            " spaced out ",
+            "a+b=c&d?e#f:g;h",
+            "tab\tnew\nline",
+        ]
+        keys = [
+            RunKey(tenant, derive_execution_id("project", f"s-{unique}-{n}", 1))
+            for n, tenant in enumerate(tenants)
+        ]
+        # Execution ids are the store's to keep as given, too (derive_execution_id's are tame).
+        keys.append(RunKey("a/b", f"raw/ex%41:id:{unique}/é"))
+        for key in keys:
+            await store.release(key, await self.own(store, key))
+        listed = await self.lapsed_among(store, keys)
+        assert sorted(listed, key=repr) == sorted(keys, key=repr)
+        for key in listed:
+            assert type(key) is RunKey
+            assert type(key.tenant_id) is str and type(key.execution_id) is str
+        # And they name the runs: a claim through a listed key takes the right one over.
+        for key in listed:
+            result = await self.claim(store, key)
+            assert result is not None and result.outcome is BeginOutcome.TAKEOVER, (key, result)
+            assert result.run.key == key
 
     # -- isolation ------------------------------------------------------------------------
 

@@ -6,24 +6,34 @@ which touches all of them, stays within one cluster slot. The tag may hold any c
 is computed from the first ``{…}`` and that part is common to all keys of the run. The
 prefix, which comes first, must not hold a brace at all: that would move the tag.
 
+One key is not a run's: ``{prefix}:leases``, the sorted set of lease expiries the orphan
+sweeper reads (:meth:`RedisStore.lapsed_runs`). It spans every run, so it cannot share their
+slot; the client maintains it after each run script, never inside one, and it is only an
+index: the run hash is the truth. Its members are :attr:`RunKey.tag`, parsed back by
+:func:`run_key_from_tag`.
+
 The ``.lua`` scripts spell the hash and entry field names below literally (Lua has no
 imports); change them together.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Final
+from urllib.parse import unquote
 
 from ..._store import RunKey
 
-__all__ = ["RunKeys", "check_prefix", "run_keys"]
+__all__ = ["RunKeys", "check_prefix", "leases_key", "run_key_from_tag", "run_keys"]
 
 DEFAULT_PREFIX: Final = "turnstream"
 
 RUN_KEY: Final = "{prefix}:{{{tag}}}:run"  # hash: the run's record and lease
 LOG_KEY: Final = "{prefix}:{{{tag}}}:log"  # stream: entry id 0-<seq>, fields below
 IDS_KEY: Final = "{prefix}:{{{tag}}}:ids"  # hash: eventId -> seq (dedup), dropped on finish
+# Sorted set, member RunKey.tag, score the lease expiry (ms, server clock); not a run's key.
+LEASES_KEY: Final = "{prefix}:leases"
 
 # Fields of a log entry: enough to rebuild a LoggedEvent, the seq being the entry id.
 ENTRY_EVENT_ID: Final = b"i"
@@ -45,7 +55,9 @@ FINAL_TEXT: Final = b"final_text"
 CREATED_AT: Final = b"created_at"
 FINISHED_AT: Final = b"finished_at"
 FINISHED_BY: Final = b"finished_by"  # holder of the lease that finished it (same token)
-# Only for retry-safety of begin and restart (see begin.lua / restart.lua).
+# Only for retry-safety of begin, claim and restart (see begin.lua / claim.lua /
+# restart.lua). begin_id is the request id of whichever begin or claim last granted the
+# lease, so either one replaces the other's.
 BEGIN_ID: Final = b"begin_id"
 BEGIN_OUTCOME: Final = b"begin_outcome"
 RESTART_ID: Final = b"restart_id"
@@ -78,3 +90,29 @@ def run_keys(prefix: str, key: RunKey) -> RunKeys:
         log=LOG_KEY.format(prefix=prefix, tag=tag).encode(),
         ids=IDS_KEY.format(prefix=prefix, tag=tag).encode(),
     )
+
+
+def leases_key(prefix: str) -> bytes:
+    return LEASES_KEY.format(prefix=prefix).encode()
+
+
+# What `quote(tenant, safe="-._~")` can produce: unreserved characters and %XX escapes.
+_QUOTED_TENANT: Final = re.compile(r"(?:[A-Za-z0-9\-._~]|%[0-9A-F]{2})*")
+
+
+def run_key_from_tag(tag: bytes | str) -> RunKey:
+    """The :class:`RunKey` whose :attr:`RunKey.tag` is ``tag``: its exact inverse.
+
+    Strict, so that only a tag ``RunKey.tag`` could have written parses (anything else in the
+    lease index is foreign): the tenant must be percent-encoded exactly as ``tag`` encodes it
+    (upper-case escapes, nothing escaped that need not be, valid UTF-8). Raises ``ValueError``.
+    """
+    text = tag.decode("utf-8") if isinstance(tag, bytes) else tag
+    quoted, slash, execution_id = text.partition("/")
+    if not slash or _QUOTED_TENANT.fullmatch(quoted) is None:
+        raise ValueError(f"not a run tag: {text!r}")
+    tenant_id = unquote(quoted, errors="strict")
+    key = RunKey(tenant_id, execution_id)
+    if key.tag != text:  # e.g. "%41" for "A": a spelling RunKey.tag never writes
+        raise ValueError(f"not a canonical run tag: {text!r}")
+    return key

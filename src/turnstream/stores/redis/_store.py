@@ -3,10 +3,16 @@
 Every write is one Lua script that checks the fence and the dedup before it writes, so each
 method is atomic exactly like its :class:`~turnstream.MemoryStore` counterpart, whose
 semantics this store follows method by method.
+
+The one exception is the lease index the orphan sweeper reads (:meth:`RedisStore.lapsed_runs`):
+a sorted set across all runs, so outside any run's cluster slot. The client updates it after
+the run script has answered, best effort; a failed update is logged, never raised, and the
+sweeper checks every candidate against the run hash, which stays the truth.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -33,10 +39,19 @@ from ..._store import (
     RunStatus,
 )
 from . import _keys as k
-from ._keys import DEFAULT_PREFIX, RunKeys, check_prefix, run_keys
+from ._keys import (
+    DEFAULT_PREFIX,
+    RunKeys,
+    check_prefix,
+    leases_key,
+    run_key_from_tag,
+    run_keys,
+)
 from ._settings import DEFAULT_RETENTION_MS, RedisSettings
 
 __all__ = ["RedisStore"]
+
+logger = logging.getLogger("turnstream.store.redis")
 
 _PACKAGE: Final = __name__.rpartition(".")[0]
 # Seqs are counted by Lua in doubles, so none ever exceeds 2**53; clamping a cursor to it
@@ -108,6 +123,8 @@ class _Scripts:
         self.set_handle = load("set_handle.lua")
         self.restart = load("restart.lua")
         self.release = load("release.lua")
+        self.claim = load("claim.lua")
+        self.lapsed_runs = load("lapsed_runs.lua")
         self.cancel = load("cancel.lua")
         self.get_run = load("get_run.lua")
 
@@ -127,8 +144,12 @@ class RedisStore:
     :meth:`from_url` / :meth:`from_settings` created.
 
     Every script is safe to resend: redis-py retries a command whose reply was lost, so
-    ``begin`` and ``restart`` carry a request id that makes a resent call answer like the
-    first one instead of acting twice.
+    ``begin``, ``claim`` and ``restart`` carry a request id that makes a resent call answer
+    like the first one instead of acting twice.
+
+    :meth:`lapsed_runs` reads ``{prefix}:leases``, a sorted set of lease expiries beside the
+    runs (see the module docstring): a crashed client or a failed update can leave it behind
+    the run hashes for a while, so its answer is a list of candidates to :meth:`claim`.
     """
 
     def __init__(
@@ -149,6 +170,7 @@ class RedisStore:
             raise ValueError("max_block_ms must be positive")
         self.prefix = check_prefix(prefix)
         self.retention_ms = retention_ms
+        self._leases = leases_key(self.prefix)
         self._client = client
         self._blocking_client = blocking_client if blocking_client is not None else client
         self._max_block_ms = _block_cap_ms(self._blocking_client, max_block_ms)
@@ -286,6 +308,90 @@ class RedisStore:
             data=fields[k.ENTRY_DATA],
         )
 
+    # -- the lease index -------------------------------------------------------------------
+    #
+    # Written after the run script answered, so never atomically with it: two writes of one
+    # run's entry may land in the other order (a heartbeat's ZADD after the finish's ZREM),
+    # which leaves an entry that says less than the run hash. lapsed_runs() checks every
+    # candidate against its hash and mends or drops the entry, and every heartbeat rewrites
+    # it, so such an entry costs a check, never a wrong takeover: claim() decides by the hash.
+
+    async def _index(self, operation: str, key: RunKey, expires_at_ms: int | None) -> None:
+        """Record ``key``'s lease expiry in the index (None: the run is finished, drop it).
+
+        Never raises: the run write it follows has landed, and a caller told otherwise would
+        act on a failure that did not happen (a pump that stops, a heartbeat that gives up).
+        """
+        member = key.tag.encode()
+        try:
+            if expires_at_ms is None:
+                await self._client.zrem(self._leases, member)
+            else:
+                await self._client.zadd(self._leases, {member: expires_at_ms})
+        except Exception:
+            # Broad on purpose, see above; the sweeper only finds this run later (its next
+            # heartbeat rewrites the entry) or through a resume request's claim().
+            logger.warning(
+                "lease index not updated after %s of %s",
+                operation,
+                key.execution_id,
+                exc_info=True,
+            )
+
+    async def _checked_candidates(self, members: Sequence[bytes], now_ms: int) -> list[RunKey]:
+        """The candidates whose run hash agrees that the lease lapsed; mend the others' entries.
+
+        An entry whose run is gone or finished is dropped; one whose run is live again gets its
+        real expiry (XX: never re-adding an entry a finish dropped meanwhile); a member that is
+        no run tag at all is foreign and dropped.
+        """
+        parsed: list[tuple[bytes, RunKey]] = []
+        drop: list[bytes] = []
+        for member in members:
+            try:
+                parsed.append((member, run_key_from_tag(member)))
+            except ValueError:
+                drop.append(member)
+        replies: list[Any] = []
+        if parsed:
+            with _translated("lapsed_runs"):
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for _, key in parsed:
+                        fields = (k.STATUS, k.LEASE_HOLDER, k.LEASE_EXPIRES_AT)
+                        pipe.hmget(self._keys(key).run, *fields)
+                    replies = await pipe.execute(raise_on_error=False)
+        lapsed: list[RunKey] = []
+        repair: dict[bytes, int] = {}
+        for (member, key), reply in zip(parsed, replies, strict=True):
+            if isinstance(reply, Exception):
+                continue  # not a run hash these scripts wrote: neither ours to take nor drop
+            status, holder, expires_at = reply
+            if status != RunStatus.RUNNING.value.encode():
+                drop.append(member)  # gone (None) or finished
+                continue
+            try:
+                expiry = int(expires_at or b"0")
+            except ValueError:
+                continue
+            if holder is not None and expiry > now_ms:
+                repair[member] = expiry
+            else:
+                lapsed.append(key)
+        if drop or repair:
+            await self._mend(drop, repair)
+        return lapsed
+
+    async def _mend(self, drop: Sequence[bytes], repair: Mapping[bytes, int]) -> None:
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                if drop:
+                    pipe.zrem(self._leases, *drop)
+                if repair:
+                    pipe.zadd(self._leases, dict(repair), xx=True)
+                await pipe.execute()
+        except Exception:
+            logger.warning("lease index not mended", exc_info=True)
+
     # -- protocol --------------------------------------------------------------------------
 
     async def begin(
@@ -309,6 +415,7 @@ class RedisStore:
         lease = None
         if outcome is BeginOutcome.FRESH or outcome is BeginOutcome.TAKEOVER:
             lease = Lease(holder, record.lease_token)
+            await self._index("begin", key, record.lease_expires_at_ms)
         return BeginResult(outcome, record, lease)
 
     async def append(self, key: RunKey, lease: Lease, events: Sequence[NewEvent]) -> list[int]:
@@ -418,7 +525,9 @@ class RedisStore:
             [self._keys(key).run],
             [*self._lease_args(lease), str(int(lease_ms)).encode()],
         )
-        return RenewResult(cancel_requested=self._fenced(reply, key, lease)[1] == b"1")
+        _, cancel_requested, expires_at = self._fenced(reply, key, lease)
+        await self._index("renew", key, int(expires_at))
+        return RenewResult(cancel_requested=cancel_requested == b"1")
 
     async def set_handle(self, key: RunKey, lease: Lease, handle: Mapping[str, Any]) -> None:
         self._check_open()
@@ -474,12 +583,48 @@ class RedisStore:
                 str(self.retention_ms).encode(),
             ],
         )
-        return int(self._fenced(reply, key, lease)[1])
+        seq = int(self._fenced(reply, key, lease)[1])
+        await self._index("finish", key, None)
+        return seq
 
     async def release(self, key: RunKey, lease: Lease) -> None:
-        await self._call(
+        released = await self._call(
             self._scripts.release, "release", [self._keys(key).run], self._lease_args(lease)
         )
+        if released:
+            # Expiry 0, as in the run hash: lapsed since forever, first in the sweeper's line.
+            await self._index("release", key, 0)
+
+    async def claim(self, key: RunKey, *, holder: str, lease_ms: int) -> BeginResult | None:
+        reply = await self._call(
+            self._scripts.claim,
+            "claim",
+            [self._keys(key).run],
+            [_text(holder), str(int(lease_ms)).encode(), secrets.token_hex(12).encode()],
+        )
+        if reply[0] == b"none":
+            # Most likely the sweeper following a stale index entry of an expired run.
+            await self._index("claim", key, None)
+            return None
+        outcome = BeginOutcome(_str(reply[0]))
+        record = self._record(key, reply[2], int(reply[1]))
+        if outcome is BeginOutcome.COMPLETED:
+            await self._index("claim", key, None)
+            return BeginResult(outcome, record, None)
+        if outcome is BeginOutcome.TAKEOVER:
+            await self._index("claim", key, record.lease_expires_at_ms)
+            return BeginResult(outcome, record, Lease(holder, record.lease_token))
+        return BeginResult(outcome, record, None)
+
+    async def lapsed_runs(self, *, limit: int = 100) -> list[RunKey]:
+        if limit <= 0:
+            return []  # ZRANGEBYSCORE reads LIMIT 0 -1 as "no limit"
+        reply = await self._call(
+            self._scripts.lapsed_runs, "lapsed_runs", [self._leases], [str(int(limit)).encode()]
+        )
+        # One page: entries dropped as stale make the answer shorter than `limit` this once;
+        # they are gone by the next call.
+        return await self._checked_candidates(list(reply[1]), int(reply[0]))
 
     async def get_run(self, key: RunKey) -> RunRecord | None:
         reply = await self._call(self._scripts.get_run, "get_run", [self._keys(key).run], [])
