@@ -125,7 +125,14 @@ async def test_reader_of_a_dead_owners_run_does_not_wait_for_a_ttl() -> None:
         with anyio.fail_after(5):  # a bound for a hang, not a timing assertion
             events = ndjson(await collect(joined))
     assert [e["type"] for e in events][:1] == ["session.run.started"]
-    assert events[-1]["type"] == "text-delta"  # no terminal: the client retries the turn
+    # No terminal event: an unlogged in-band error tells the client to retry the turn.
+    assert events[-1] == {
+        "type": "error",
+        "code": "owner_lost",
+        "message": "the worker running this turn stopped; retry the turn to restart it",
+        "retryable": True,
+    }
+    assert events[-2]["type"] == "text-delta"
     producer.gate.set()
     dead.shutdown_grace_s = 0
     await dead.aclose()

@@ -8,6 +8,7 @@
     ├── StoreError              (the store failed; redis-py errors are translated here)
     │   └── StoreUnavailable    (cannot reach the store: 503 with Retry-After)
     ├── LeaseLost               (a fenced write by a writer whose lease was taken over)
+    ├── OwnerLost               (a run's owner died and nothing can re-attach to it)
     ├── RunFinished             (a write to a run that already has its terminal event)
     └── AdapterError            (a reconnect adapter failed to start or attach)
 
@@ -21,6 +22,7 @@ __all__ = [
     "AdapterError",
     "InvalidTurnInput",
     "LeaseLost",
+    "OwnerLost",
     "PayloadTooLarge",
     "RunFinished",
     "RunNotFound",
@@ -72,6 +74,11 @@ class LeaseLost(TurnstreamError):
     A lease that merely lapsed (or was released) fences nothing until someone takes the run
     over: until then no other writer exists, so the old holder's writes are still safe.
     """
+
+
+class OwnerLost(TurnstreamError):
+    """The worker that owned an unfinished run died, and the run cannot be re-attached (its
+    events came from a local producer): retrying the turn restarts it."""
 
 
 class RunFinished(TurnstreamError):

@@ -22,6 +22,7 @@ from ._adapter import ReconnectAdapter
 from ._events import ERROR, LoggedEvent
 from ._exceptions import (
     InvalidTurnInput,
+    OwnerLost,
     PayloadTooLarge,
     StoreError,
     TurnInputMismatch,
@@ -128,6 +129,10 @@ async def _frames(
         logger.warning("store failed while streaming %s: %s", execution_id, exc)
         yield _stream_error_frame(
             fmt, "store_unavailable", "the turn's log cannot be read right now; resume later"
+        )
+    except OwnerLost:
+        yield _stream_error_frame(
+            fmt, "owner_lost", "the worker running this turn stopped; retry the turn to restart it"
         )
     finally:
         await events.aclose()  # type: ignore[attr-defined]

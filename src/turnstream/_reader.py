@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from ._events import LoggedEvent
+from ._exceptions import OwnerLost
 from ._store import RunKey
 from ._supervisor import Supervisor
 
@@ -26,12 +27,12 @@ async def read_run(
 ) -> AsyncIterator[LoggedEvent]:
     """Yield the run's events with ``seq > after`` in order, ending after the terminal event.
 
-    Ends early (without a terminal event) when the run is unknown or expired, or when its
-    owner died and nobody resumed it within a lease period — the client may then retry.
+    Ends early (without a terminal event) when the run is unknown or expired. Raises
+    :class:`OwnerLost` when its owner died and the run cannot be re-attached (a local
+    producer): the client retries the turn, which restarts it.
     """
     store = supervisor.store
     cursor = after
-    stalled_checks = 0
     while True:
         live = supervisor.live_run(key)
         if live is not None and live.covers(cursor):
@@ -59,17 +60,12 @@ async def read_run(
                     return  # a cursor at (or past) the end of a finished log
                 if not run.status.finished and not run.lease_live:
                     if await supervisor.recover(key):
-                        stalled_checks = 0
                         continue  # this worker (or another) re-attached: keep following
-                    stalled_checks += 1
-                    # The owner is gone. A takeover (next request, or the sweeper) will go
-                    # on writing; give it one more block period, then let the client retry
-                    # rather than wait for a TTL.
-                    if stalled_checks > 1:
-                        logger.info("run %s has no live owner; ending reader", key.execution_id)
-                        return
+                    # Nothing here can resume it: tell the client now rather than let it
+                    # wait for a TTL.
+                    logger.info("run %s has no live owner; ending reader", key.execution_id)
+                    raise OwnerLost(f"the worker running {key.execution_id} stopped")
                 continue
-        stalled_checks = 0
         for event in events:
             yield event
             cursor = event.seq

@@ -74,8 +74,9 @@ class Supervisor:
         self.worker_id = worker_id or _default_worker_id()
         self.limits = limits or Limits()
         self.shutdown_grace_s = shutdown_grace_s
-        # A reader blocked on the store re-checks the run at least once a lease period.
-        self.follow_block_ms = follow_block_ms or min(lease_ms, 5_000)
+        # A reader blocked on the store re-checks the run twice a lease period, so it learns
+        # of a dead owner about one lease period after the death.
+        self.follow_block_ms = follow_block_ms or max(min(lease_ms // 2, 5_000), 10)
         self.writer = LogWriter(self.store)
         self._adapters: dict[str, ReconnectAdapter] = {}
         for adapter in adapters:
