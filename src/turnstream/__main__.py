@@ -1,4 +1,10 @@
-"""The ``turnstream`` command: ``turnstream demo`` (also ``python -m turnstream demo``)."""
+"""The ``turnstream`` command (also ``python -m turnstream``).
+
+    turnstream demo [--redis URL] [--substrate URL] …   the demo chat app
+    turnstream substrate [--port P] …                   the reference substrate (DESIGN §8)
+
+Both serve under uvicorn on 127.0.0.1 unless told otherwise.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +37,13 @@ def _redis_url(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"not a Redis URL (redis://host:port/db, rediss://…, unix://…): {text!r}"
         )
+    return text
+
+
+def _http_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"not an http(s) URL: {text!r}")
     return text
 
 
@@ -72,17 +85,58 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MS",
         help="how long a dead worker's turn stays leased (default %(default)s)",
     )
+    demo.add_argument(
+        "--substrate",
+        type=_http_url,
+        metavar="URL",
+        help=(
+            "run turns on the reference substrate at URL (see `turnstream substrate`) "
+            "instead of the built-in fake model; --tokens/--token-delay-ms then do not apply"
+        ),
+    )
+    substrate = commands.add_parser(
+        "substrate",
+        help="serve the reference substrate that `demo --substrate` talks to",
+        description=(
+            "Serve the reference substrate (DESIGN §8): runs that outlive their clients, "
+            "one per execution id, re-attachable after any event id."
+        ),
+    )
+    # Only argparse and the argument definitions: serving it imports starlette and uvicorn.
+    from .adapters.orchestrator._cli import add_substrate_arguments
+
+    add_substrate_arguments(substrate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Only `demo` exists (the subcommand is required, so argparse refused anything else).
     try:
         import uvicorn
     except ImportError:
-        parser.exit(1, "turnstream demo needs uvicorn: pip install uvicorn\n")
+        parser.exit(1, f"turnstream {args.command} needs uvicorn: pip install uvicorn\n")
+    if args.command == "substrate":
+        from .adapters.orchestrator._cli import serve
+
+        return serve(
+            host=args.host,
+            port=args.port,
+            tokens=args.tokens,
+            token_delay_ms=args.token_delay_ms,
+            log_level=args.log_level,
+        )
+    # `demo` (the subcommand is required, so argparse refused anything else).
+    if args.substrate is not None:
+        try:
+            import httpx  # noqa: F401
+            import httpx_sse  # noqa: F401
+        except ImportError:
+            parser.exit(
+                1,
+                "turnstream demo --substrate needs httpx and httpx-sse: "
+                "pip install 'turnstream[orchestrator]'\n",
+            )
 
     from ._demo import create_demo_app
 
@@ -92,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tokens=args.tokens,
             token_delay_ms=args.token_delay_ms,
             lease_ms=args.lease_ms,
+            substrate_url=args.substrate,
         )
     except ValueError as exc:  # e.g. a --redis URL that is not one
         parser.error(str(exc))

@@ -88,13 +88,21 @@ class SubstrateCancelled(AdapterError):
 class ReconnectAdapter(Protocol):
     """One per substrate. Both methods yield :class:`~turnstream.SupervisedEvent` s.
 
-    * ``start`` yields, as early as it can, an event carrying the :class:`RunHandle`.
+    * ``start`` yields, as early as it can, an event carrying the :class:`RunHandle`
+      (whose ``kind`` is ``adapter.kind``). If the worker dies before that event is logged,
+      the next request calls ``start`` again for the same execution id: a substrate that
+      is idempotent on it (DESIGN §8) attaches; any other starts a second run.
     * ``attach`` yields only events strictly after ``after_event_id`` (``None``: from the
-      start of the run).
-    * Iteration ends normally when the run completed; raises :class:`SubstrateFailed` or
-      :class:`SubstrateCancelled` when it failed or was cancelled; any other exception is
-      an :class:`AdapterError` (the turn fails in-band, ``retryable``).
-    * ``cancel`` asks the substrate to stop the run (idempotent, best effort).
+      start of the run); attached after the last event, it still ends with the outcome.
+    * Event ids are unique within a run, at most 256 characters, and never start with
+      ``ts:`` (reserved for the pump's lifecycle events).
+    * Iteration that ends normally means the run **completed**; a cut connection must raise.
+      :class:`SubstrateFailed` / :class:`SubstrateCancelled` end the turn failed/cancelled.
+      Any other exception is taken as transient: with a handle known, the pump re-attaches
+      after the last event it saw (a few times), so a permanent error must be raised as
+      :class:`SubstrateFailed`.
+    * ``cancel`` asks the substrate to stop the run: idempotent, silent for a finished or
+      unknown run; it may raise when the substrate cannot be reached (the pump logs it).
     """
 
     kind: str

@@ -444,10 +444,13 @@ class Pump:
                     raw_id = given if isinstance(given, str) else None
                 if scope_all:
                     event_id = f"{self.attempt}.{raw_id or self._produced}"
-                elif raw_id:
+                elif raw_id and not raw_id.startswith("ts:"):
                     event_id = self._scoped_id(raw_id)
                 else:
-                    raise InvalidTurnInput("an adapter event needs an event id", field="eventId")
+                    raise InvalidTurnInput(
+                        "an adapter event needs an event id that does not start with 'ts:'",
+                        field="eventId",
+                    )
                 event = NewEvent.build(event_id, payload, max_bytes=limits.max_event_bytes)
                 if event.terminal:
                     raise InvalidTurnInput(f"{event.type!r} is reserved for the pump", field="type")

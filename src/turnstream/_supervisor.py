@@ -19,7 +19,13 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ._adapter import ReconnectAdapter, RunHandle
-from ._exceptions import InvalidTurnInput, LeaseLost, StoreError, StoreUnavailable
+from ._exceptions import (
+    InvalidTurnInput,
+    LeaseLost,
+    RunFinished,
+    StoreError,
+    StoreUnavailable,
+)
 from ._hooks import Limits, TurnCompletion, TurnHooks
 from ._identity import TurnIdentity, parse_execution_id
 from ._live import LiveRun
@@ -391,6 +397,10 @@ class Supervisor:
             if not pump.finished:
                 logger.warning("lost the lease on %s", pump.key.execution_id)
                 pump.lose_lease()
+            return
+        except RunFinished:
+            # This pump's own finish landed while the renew was in flight (the store says
+            # RunFinished only to the lease that finished the run): nothing left to renew.
             return
         except StoreError:
             logger.warning("could not renew the lease on %s", pump.key.execution_id)

@@ -1,5 +1,9 @@
 """The demo app: ``POST /chat`` over a deterministic fake model, the turn routes, a chat page.
 
+With ``substrate_url`` the turns run on a reference substrate (``turnstream substrate``)
+through an ``OrchestratorAdapter`` instead: any worker re-attaches to a run that outlived its
+owner, and the substrate's ``GET /agents/runs`` counts the runs it started.
+
     GET  /                          the chat page (page.html, no build step, no external assets)
     GET  /healthz                   200 when the store answers, else a 503 problem document
     POST /chat                      {"sessionId", "turnIndex", "message"} → the turn's stream
@@ -18,7 +22,7 @@ import hashlib
 import importlib.resources
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import orjson
@@ -38,6 +42,9 @@ from .._requests import ChatTurnRequest
 from .._store import RunKey, TurnStore
 from .._supervisor import DEFAULT_LEASE_MS, Supervisor
 from ..stores import MemoryStore
+
+if TYPE_CHECKING:
+    from ..adapters.orchestrator import OrchestratorAdapter
 
 __all__ = ["PROJECT_ID", "ProducerCalls", "create_demo_app", "fake_reply"]
 
@@ -152,16 +159,19 @@ def create_demo_app(
     token_delay_ms: int = 25,
     lease_ms: int = DEFAULT_LEASE_MS,
     limits: Limits | None = None,
+    substrate_url: str | None = None,
 ) -> Starlette:
     """The demo as a Starlette app, with :class:`TurnstreamMiddleware` in its stack.
 
     The store is ``store`` when given (the caller closes it), else a ``RedisStore`` for
     ``redis_url`` (closed on shutdown), else a fresh ``MemoryStore``. Each reply has
-    ``tokens`` words, one ``text-delta`` every ``token_delay_ms``.
+    ``tokens`` words, one ``text-delta`` every ``token_delay_ms``. With ``substrate_url`` the
+    turns go to the reference substrate at that URL instead (closed on shutdown), whose own
+    ``--tokens`` and ``--token-delay-ms`` then apply; the fake model is not used.
 
-    ``app.state`` holds ``supervisor``, ``store`` and ``producer_calls``. Without a lifespan
-    (``httpx.ASGITransport``), start the supervisor yourself: ``async with
-    app.state.supervisor: …``.
+    ``app.state`` holds ``supervisor``, ``store``, ``producer_calls`` and ``adapter`` (or
+    ``None``). Without a lifespan (``httpx.ASGITransport``), start the supervisor yourself:
+    ``async with app.state.supervisor: …``.
     """
     if store is not None and redis_url is not None:
         raise ValueError("pass either store or redis_url, not both")
@@ -169,6 +179,13 @@ def create_demo_app(
         raise ValueError("tokens must not be negative")
     if token_delay_ms < 0:
         raise ValueError("token_delay_ms must not be negative")
+    adapter: OrchestratorAdapter | None = None
+    if substrate_url is not None:
+        # Imported here: the adapter needs httpx, which only the substrate mode does. Made
+        # before the store, so that a bad URL (ValueError) leaves no store behind.
+        from ..adapters.orchestrator import OrchestratorAdapter
+
+        adapter = OrchestratorAdapter(substrate_url)
     owns_store = store is None
     if store is None:
         if redis_url is not None:
@@ -178,7 +195,12 @@ def create_demo_app(
         else:
             store = MemoryStore()
     turn_store: TurnStore = store
-    supervisor = Supervisor(turn_store, lease_ms=lease_ms, limits=limits)
+    supervisor = Supervisor(
+        turn_store,
+        lease_ms=lease_ms,
+        limits=limits,
+        adapters=[adapter] if adapter is not None else (),
+    )
     calls = ProducerCalls()
     delay_s = token_delay_ms / 1000
     page = importlib.resources.files("turnstream._demo").joinpath("page.html").read_bytes()
@@ -216,7 +238,8 @@ def create_demo_app(
             identity,
             {"message": body.message},
             supervisor=supervisor,
-            produce=produce,
+            produce=produce if adapter is None else None,
+            adapter=adapter,
             format=request.query_params.get("format"),
             accept=request.headers.get("accept"),
             cursor=request.query_params.get("after"),
@@ -248,6 +271,8 @@ def create_demo_app(
         finally:
             if owns_store:
                 await turn_store.aclose()
+            if adapter is not None:
+                await adapter.aclose()
 
     app = Starlette(
         routes=[
@@ -264,4 +289,5 @@ def create_demo_app(
     app.state.supervisor = supervisor
     app.state.store = turn_store
     app.state.producer_calls = calls
+    app.state.adapter = adapter
     return app

@@ -1,4 +1,4 @@
-"""Conformance kits for code written against turnstream's protocols.
+"""Conformance kits and fakes for code written against turnstream's protocols.
 
 ``StoreConformance`` is the store conformance suite every :class:`~turnstream.TurnStore`
 passes (memory, fakeredis, real Redis); subclass it with a ``store`` fixture to run it
@@ -13,9 +13,24 @@ against a store of your own::
             yield store
             await store.aclose()
 
+``AdapterConformance`` does the same for a :class:`~turnstream.ReconnectAdapter` (fixtures
+``adapter`` and ``start_request``, hook ``expected_text``; see its docstring).
+``FakeSubstrate`` is an in-process substrate with a ``FakeSubstrateAdapter`` (no I/O):
+deterministic runs, pacing by clock or by hand, counters and fault injection, for testing
+code that drives adapters.
+
 This package imports pytest and hypothesis; ``import turnstream`` never imports it.
 """
 
+from ._adapter_suite import AdapterConformance, StreamReader
+from ._fake_substrate import FakeRun, FakeSubstrate, FakeSubstrateAdapter
 from ._store_suite import StoreConformance
 
-__all__ = ["StoreConformance"]
+__all__ = [
+    "AdapterConformance",
+    "FakeRun",
+    "FakeSubstrate",
+    "FakeSubstrateAdapter",
+    "StoreConformance",
+    "StreamReader",
+]

@@ -1,0 +1,5 @@
+"""Reconnect adapters, one package per substrate (DESIGN §8, §9).
+
+Each passes :class:`turnstream.testing.AdapterConformance`. Import the one you use by its
+package (``turnstream.adapters.orchestrator``…): nothing here imports a substrate's SDK.
+"""

@@ -1,0 +1,1 @@
+"""Tests of the reconnect adapters, one module per substrate."""
