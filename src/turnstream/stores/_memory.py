@@ -115,6 +115,22 @@ class MemoryStore:
             finished_at_ms=run.finished_at_ms,
         )
 
+    def _join_or_take_over(
+        self, run: _Run, *, holder: str, lease_ms: int, now: int
+    ) -> BeginResult:
+        """What begin and claim share: replay a finished run, join a live one, else lease it
+        to ``holder`` with a new fencing token."""
+        if run.status.finished:
+            return BeginResult(BeginOutcome.COMPLETED, self._record(run), None)
+        if run.lease_holder is not None and run.lease_expires_at_ms > now:
+            return BeginResult(BeginOutcome.LIVE, self._record(run), None)
+        run.lease_holder = holder
+        run.lease_token += 1
+        run.lease_expires_at_ms = now + lease_ms
+        return BeginResult(
+            BeginOutcome.TAKEOVER, self._record(run), Lease(holder, run.lease_token)
+        )
+
     def _wake(self, run: _Run) -> None:
         run.changed.set()
         run.changed = anyio.Event()
@@ -139,16 +155,7 @@ class MemoryStore:
             return BeginResult(BeginOutcome.FRESH, self._record(run), Lease(holder, 1))
         if run.input_hash != input_hash or run.user_id != user_id:
             return BeginResult(BeginOutcome.MISMATCH, self._record(run), None)
-        if run.status.finished:
-            return BeginResult(BeginOutcome.COMPLETED, self._record(run), None)
-        if run.lease_holder is not None and run.lease_expires_at_ms > now:
-            return BeginResult(BeginOutcome.LIVE, self._record(run), None)
-        run.lease_holder = holder
-        run.lease_token += 1
-        run.lease_expires_at_ms = now + lease_ms
-        return BeginResult(
-            BeginOutcome.TAKEOVER, self._record(run), Lease(holder, run.lease_token)
-        )
+        return self._join_or_take_over(run, holder=holder, lease_ms=lease_ms, now=now)
 
     def _append_now(self, key: RunKey, lease: Lease, events: Sequence[NewEvent]) -> list[int]:
         for event in events:
@@ -279,16 +286,7 @@ class MemoryStore:
         run = self._get(key)
         if run is None:
             return None
-        if run.status.finished:
-            return BeginResult(BeginOutcome.COMPLETED, self._record(run), None)
-        if run.lease_holder is not None and run.lease_expires_at_ms > now:
-            return BeginResult(BeginOutcome.LIVE, self._record(run), None)
-        run.lease_holder = holder
-        run.lease_token += 1
-        run.lease_expires_at_ms = now + lease_ms
-        return BeginResult(
-            BeginOutcome.TAKEOVER, self._record(run), Lease(holder, run.lease_token)
-        )
+        return self._join_or_take_over(run, holder=holder, lease_ms=lease_ms, now=now)
 
     async def lapsed_runs(self, *, limit: int = 100) -> list[RunKey]:
         self._check_open()
