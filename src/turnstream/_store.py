@@ -211,7 +211,9 @@ class TurnStore(Protocol):
         ...
 
     async def lapsed_runs(self, *, limit: int = 100) -> list[RunKey]:
-        """Unfinished runs whose lease has lapsed, oldest expiry first.
+        """Unfinished runs with a run handle whose lease has lapsed, oldest expiry first:
+        what the orphan sweeper can re-attach to. A run without a handle (a local producer)
+        is never listed — only its next request can restart it.
 
         Best effort (on Redis an index beside the runs, which are the truth): a key may be
         stale, so callers confirm with :meth:`claim`.

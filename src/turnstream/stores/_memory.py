@@ -296,7 +296,7 @@ class MemoryStore:
         lapsed: list[_Run] = []
         for key in list(self._runs):  # _get drops expired runs as it goes
             run = self._get(key)
-            if run is None or run.status.finished:
+            if run is None or run.status.finished or run.handle is None:
                 continue
             if run.lease_holder is None or run.lease_expires_at_ms <= now:
                 lapsed.append(run)

@@ -152,6 +152,14 @@ class StoreConformance:
         assert result.lease is not None
         return result.lease
 
+    async def own_reconnectable(
+        self, store: TurnStore, key: RunKey, holder: str = "worker-a"
+    ) -> Lease:
+        """Begin a fresh run with a run handle (what the orphan sweeper can re-attach)."""
+        lease = await self.own(store, key, holder)
+        await store.set_handle(key, lease, {"kind": "k", "runId": key.execution_id, "data": {}})
+        return lease
+
     async def take_over(
         self, store: TurnStore, key: RunKey, lease: Lease, holder: str = "worker-b"
     ) -> Lease:
@@ -1231,9 +1239,9 @@ class StoreConformance:
         self, store: TurnStore
     ) -> None:
         live, orphan, done = self.new_key(), self.new_key(), self.new_key()
-        await self.own(store, live)
-        orphan_lease = await self.own(store, orphan)
-        done_lease = await self.own(store, done)
+        await self.own_reconnectable(store, live)
+        orphan_lease = await self.own_reconnectable(store, orphan)
+        done_lease = await self.own_reconnectable(store, done)
         assert await self.lapsed_among(store, [live, orphan, done]) == []
 
         await self.lapse_lease(store, orphan, orphan_lease)
@@ -1267,12 +1275,12 @@ class StoreConformance:
 
     async def test_a_released_run_is_lapsed_at_once(self, store: TurnStore) -> None:
         key, other = self.new_key(), self.new_key()
-        lease = await self.own(store, key)
+        lease = await self.own_reconnectable(store, key)
         assert await self.lapsed_among(store, [key]) == []
         await store.release(key, lease)  # no clock has to move
         assert await self.lapsed_among(store, [key]) == [key]
         # A stale lease's release leaves the current owner's run alone.
-        stale = await self.own(store, other, "worker-a")
+        stale = await self.own_reconnectable(store, other, "worker-a")
         current = await self.take_over(store, other, stale, "worker-b")
         await store.release(other, stale)
         assert await self.lapsed_among(store, [key, other]) == [key]
@@ -1282,7 +1290,7 @@ class StoreConformance:
 
     async def test_lapsed_runs_are_oldest_expiry_first_and_limited(self, store: TurnStore) -> None:
         keys = [self.new_key() for _ in range(3)]
-        leases = [await self.own(store, key) for key in keys]
+        leases = [await self.own_reconnectable(store, key) for key in keys]
         # Three expiries in a row, each in the past before the next is set.
         for key, lease in zip(keys, leases, strict=True):
             await store.renew(key, lease, lease_ms=1)
@@ -1298,6 +1306,23 @@ class StoreConformance:
         assert len(await store.lapsed_runs()) <= 100
         assert await store.lapsed_runs(limit=0) == []
         assert await store.lapsed_runs(limit=-1) == []
+
+    async def test_lapsed_runs_skip_runs_without_a_handle(self, store: TurnStore) -> None:
+        # A run with no handle cannot be re-attached, only restarted by its next request: the
+        # sweeper must never see it, nor be starved by a pile of them.
+        plain = [self.new_key() for _ in range(5)]
+        for key in plain:
+            await store.release(key, await self.own(store, key))
+        reconnectable = self.new_key()
+        await store.release(reconnectable, await self.own_reconnectable(store, reconnectable))
+        assert await self.lapsed_among(store, [*plain, reconnectable]) == [reconnectable]
+        for _ in range(len(plain) + 1):  # bounded: each call may drop what it skipped
+            if reconnectable in await store.lapsed_runs(limit=2):
+                break
+        else:
+            raise AssertionError("a run without a handle starved a reconnectable one")
+        # Still a lapsed run all the same: its next request takes it over.
+        assert (await self.begin(store, plain[0], "worker-b")).outcome is BeginOutcome.TAKEOVER
 
     async def test_lapsed_runs_give_back_the_exact_keys(self, store: TurnStore) -> None:
         unique = uuid.uuid4().hex
@@ -1325,7 +1350,7 @@ class StoreConformance:
         # Execution ids are the store's to keep as given, too (derive_execution_id's are tame).
         keys.append(RunKey("a/b", f"raw/ex%41:id:{unique}/é"))
         for key in keys:
-            await store.release(key, await self.own(store, key))
+            await store.release(key, await self.own_reconnectable(store, key))
         listed = await self.lapsed_among(store, keys)
         assert sorted(listed, key=repr) == sorted(keys, key=repr)
         for key in listed:

@@ -341,9 +341,9 @@ class RedisStore:
     async def _checked_candidates(self, members: Sequence[bytes], now_ms: int) -> list[RunKey]:
         """The candidates whose run hash agrees that the lease lapsed; mend the others' entries.
 
-        An entry whose run is gone or finished is dropped; one whose run is live again gets its
-        real expiry (XX: never re-adding an entry a finish dropped meanwhile); a member that is
-        no run tag at all is foreign and dropped.
+        An entry whose run is gone or finished, or lapsed without a handle, is dropped; one
+        whose run is live again gets its real expiry (XX: never re-adding an entry a finish
+        dropped meanwhile); a member that is no run tag at all is foreign and dropped.
         """
         parsed: list[tuple[bytes, RunKey]] = []
         drop: list[bytes] = []
@@ -357,7 +357,7 @@ class RedisStore:
             with _translated("lapsed_runs"):
                 async with self._client.pipeline(transaction=False) as pipe:
                     for _, key in parsed:
-                        fields = (k.STATUS, k.LEASE_HOLDER, k.LEASE_EXPIRES_AT)
+                        fields = (k.STATUS, k.LEASE_HOLDER, k.LEASE_EXPIRES_AT, k.HANDLE)
                         pipe.hmget(self._keys(key).run, *fields)
                     replies = await pipe.execute(raise_on_error=False)
         lapsed: list[RunKey] = []
@@ -365,7 +365,7 @@ class RedisStore:
         for (member, key), reply in zip(parsed, replies, strict=True):
             if isinstance(reply, Exception):
                 continue  # not a run hash these scripts wrote: neither ours to take nor drop
-            status, holder, expires_at = reply
+            status, holder, expires_at, handle = reply
             if status != RunStatus.RUNNING.value.encode():
                 drop.append(member)  # gone (None) or finished
                 continue
@@ -375,6 +375,10 @@ class RedisStore:
                 continue
             if holder is not None and expiry > now_ms:
                 repair[member] = expiry
+            elif handle is None:
+                # Lapsed but not re-attachable: only its next request can restart it. Dropped
+                # so a pile of these never starves the sweeper; a renew or takeover re-adds it.
+                drop.append(member)
             else:
                 lapsed.append(key)
         if drop or repair:
