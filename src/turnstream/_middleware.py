@@ -13,6 +13,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import orjson
 from starlette.requests import Request
@@ -41,6 +42,9 @@ class Principal:
 
 
 Authorize = Callable[[Request], Principal | Awaitable[Principal]]
+LifespanMode = Literal["auto", "own", "forward"]
+
+_START_FAILED = "the turnstream supervisor failed to start"
 
 
 class TurnstreamMiddleware:
@@ -49,6 +53,15 @@ class TurnstreamMiddleware:
     ``authorize(request)`` returns the caller's :class:`Principal` (or raises
     ``PermissionError`` → 403). A run is visible only to its tenant and the user who started
     it; anything else answers exactly like an unknown execution id.
+
+    The lifespan starts the supervisor before the app's own startup and drains it before the
+    app's own shutdown (running turns may still need the app's resources). ``lifespan``:
+
+    * ``"auto"`` (default): forward the lifespan to the app; when the app does not speak it
+      (it raises or returns before answering the startup, as Django's ``ASGIHandler`` does),
+      answer it here for the supervisor;
+    * ``"forward"``: forward only; the app must speak lifespan and its errors propagate;
+    * ``"own"``: never show the app a lifespan scope; answer it here.
     """
 
     def __init__(
@@ -58,8 +71,12 @@ class TurnstreamMiddleware:
         supervisor: Supervisor,
         authorize: Authorize,
         prefix: str = "/turns",
+        lifespan: LifespanMode = "auto",
     ) -> None:
+        if lifespan not in ("auto", "own", "forward"):
+            raise ValueError(f"lifespan must be 'auto', 'own' or 'forward', not {lifespan!r}")
         self.app = app
+        self.lifespan = lifespan
         self.supervisor = supervisor
         self.authorize = authorize
         self.prefix = prefix.rstrip("/")
@@ -80,36 +97,94 @@ class TurnstreamMiddleware:
     # -- lifespan --------------------------------------------------------------------------
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            if self.lifespan == "own":
+                await self._serve_lifespan(receive, send)
+            else:
+                await self._forward_lifespan(scope, receive, send)
+        finally:
+            if self.supervisor.started:
+                await self.supervisor.aclose()
+
+    async def _forward_lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         supervisor = self.supervisor
+        startup_received = False
+        startup_answered = False
         failed = False
 
         async def wrapped_receive() -> Message:
-            nonlocal failed
+            nonlocal failed, startup_received
             message = await receive()
             if message["type"] == "lifespan.startup":
-                try:
-                    await supervisor.start()
-                except Exception:
-                    logger.exception("the turnstream supervisor failed to start")
-                    failed = True
+                startup_received = True
+                failed = not await self._start_supervisor()
             elif message["type"] == "lifespan.shutdown" and supervisor.started:
                 # Before the app's own shutdown: running turns may still need its resources.
                 await supervisor.aclose()
             return message
 
         async def wrapped_send(message: Message) -> None:
-            if message["type"] == "lifespan.startup.complete" and failed:
-                message = {
-                    "type": "lifespan.startup.failed",
-                    "message": "the turnstream supervisor failed to start",
-                }
+            nonlocal startup_answered
+            if message["type"].startswith("lifespan.startup."):
+                startup_answered = True
+                if message["type"] == "lifespan.startup.complete" and failed:
+                    message = {"type": "lifespan.startup.failed", "message": _START_FAILED}
             await send(message)
 
         try:
             await self.app(scope, wrapped_receive, wrapped_send)
-        finally:
-            if supervisor.started:
-                await supervisor.aclose()
+        except Exception as exc:
+            # As uvicorn's `--lifespan auto` does: an app that raises before it answered the
+            # startup does not speak lifespan (Django's ASGIHandler raises ValueError on any
+            # non-HTTP scope). The supervisor still needs one, so serve it here. An app that
+            # answered (Starlette sends `startup.failed`, then raises) keeps its exception.
+            if self.lifespan == "forward" or startup_answered:
+                raise
+            logger.debug("the app does not support lifespan (%r); turnstream serves it", exc)
+        else:
+            if self.lifespan == "forward" or startup_answered:
+                return
+        await self._serve_lifespan(
+            receive, send, startup_received=startup_received, start_failed=failed
+        )
+
+    async def _serve_lifespan(
+        self,
+        receive: Receive,
+        send: Send,
+        *,
+        startup_received: bool = False,
+        start_failed: bool = False,
+    ) -> None:
+        """Speak the lifespan protocol for the supervisor alone (the app takes no part)."""
+        if not startup_received:
+            message = await receive()
+            if message["type"] != "lifespan.startup":
+                return
+            start_failed = not await self._start_supervisor()
+        if start_failed:
+            await send({"type": "lifespan.startup.failed", "message": _START_FAILED})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        message = await receive()
+        if message["type"] != "lifespan.shutdown":
+            return
+        try:
+            if self.supervisor.started:
+                await self.supervisor.aclose()
+        except Exception as exc:
+            logger.exception("the turnstream supervisor failed to stop")
+            await send({"type": "lifespan.shutdown.failed", "message": repr(exc)})
+            return
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def _start_supervisor(self) -> bool:
+        try:
+            await self.supervisor.start()
+        except Exception:
+            logger.exception(_START_FAILED)
+            return False
+        return True
 
     # -- turn routes -----------------------------------------------------------------------
 
