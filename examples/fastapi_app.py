@@ -16,7 +16,6 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Query, Request, Response
 
 from turnstream import (
-    ChatTurnRequest,
     InvalidTurnInput,
     MemoryStore,
     Principal,
@@ -24,12 +23,10 @@ from turnstream import (
     TurnCompletion,
     TurnContext,
     TurnHooks,
-    TurnIdentity,
     TurnstreamError,
     TurnstreamMiddleware,
-    handle_chat_turn,
-    problem_for_exception,
 )
+from turnstream.fastapi import ChatTurn, chat_turn, problem_handler
 
 supervisor = Supervisor(MemoryStore())  # RedisStore.from_url("redis://…") with several workers
 messages: dict[str, str] = {}  # your database: execution id -> assistant message
@@ -58,29 +55,17 @@ async def persist_assistant_message(completion: TurnCompletion, text: str) -> No
 
 
 hooks = TurnHooks(produce=produce, persist_assistant_message=persist_assistant_message)
-app = FastAPI()
+app = FastAPI(exception_handlers={TurnstreamError: problem_handler})  # RFC 9457 documents
 app.add_middleware(TurnstreamMiddleware, supervisor=supervisor, authorize=authorize)
-
-
-@app.exception_handler(TurnstreamError)
-async def turnstream_problem(request: Request, exc: TurnstreamError) -> Response:
-    return problem_for_exception(exc)  # RFC 9457 problem document (400, 413…)
+# The caller (authorize), the strictly read body and the turn's identity, or a 400 / 413.
+Turn = Annotated[ChatTurn, Depends(chat_turn(supervisor, authorize=authorize))]
 
 
 @app.post("/chat")
-async def chat(request: Request, principal: Annotated[Principal, Depends(authorize)]) -> Response:
-    body = await ChatTurnRequest.read(request)
-    identity = TurnIdentity(
-        principal.tenant_id, "chat", body.session_id, principal.user_id, body.turn_index
-    )
-    result = await handle_chat_turn(
-        identity,
-        {"message": body.message},
-        supervisor=supervisor,
-        hooks=hooks,
-        request=request,  # ?format=, Accept, ?after=, Last-Event-ID
-    )
-    return result.response
+async def chat(turn: Turn) -> Response:
+    # {"message": …} is the turn's input; ?format=, Accept, ?after=, Last-Event-ID come from
+    # the request. The response is the stream, or a problem document (409 for a conflict).
+    return await turn.respond(hooks=hooks)
 
 
 @app.get("/debug/producer-calls")

@@ -137,7 +137,8 @@ async def test_page(client: httpx.AsyncClient) -> None:
         "X-Execution-Id",
         "session.run.restarted",
         "localStorage",
-        "getReader",
+        "EventSource",
+        "Last-Event-ID",
     ):
         assert needle in page
 

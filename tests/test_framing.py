@@ -247,7 +247,7 @@ def test_stream_format_media_types_and_keepalive() -> None:
     assert StreamFormat.SSE.media_type == "text/event-stream"
     assert StreamFormat.NDJSON.keepalive is None
     assert StreamFormat.SSE.keepalive == SSE_KEEPALIVE
-    assert [member.value for member in StreamFormat] == ["ndjson", "sse"]
+    assert [member.value for member in StreamFormat] == ["ndjson", "sse", "ai-sdk"]
 
 
 NDJSON, SSE = StreamFormat.NDJSON, StreamFormat.SSE
@@ -287,7 +287,9 @@ def test_negotiate_format(
     assert negotiate_format(format_param, accept) is expected
 
 
-@pytest.mark.parametrize("format_param", ["SSE", "json", "ai-sdk", "ndjson ", "text/event-stream"])
+@pytest.mark.parametrize(
+    "format_param", ["SSE", "json", "ai_sdk", "AI-SDK", "ndjson ", "text/event-stream"]
+)
 def test_negotiate_format_rejects_unknown_formats(format_param: str) -> None:
     with pytest.raises(InvalidTurnInput) as info:
         negotiate_format(format_param, "text/event-stream")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -24,6 +25,7 @@ from turnstream import (
     TurnstreamMiddleware,
     handle_chat_turn,
 )
+from turnstream._middleware import LifespanMode
 from turnstream._problems import problem_for_exception
 
 
@@ -204,3 +206,157 @@ async def test_lifespan_starts_and_stops_the_supervisor() -> None:
     ]
     assert started_during_startup == [True]
     assert not supervisor.started
+
+
+# -- lifespan modes -----------------------------------------------------------------------
+
+
+async def run_lifespan(app: Any) -> list[str]:
+    """One lifespan as a server runs it: startup, then shutdown once startup completed. After a
+    failed startup a server stops listening and abandons the lifespan task; here the app is
+    cancelled when it next waits for a message. The types of the messages the app sent."""
+    sent: list[str] = []
+    inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    server = anyio.CancelScope()
+
+    async def receive() -> dict[str, Any]:
+        if "lifespan.startup.failed" in sent:
+            server.cancel()
+            await anyio.sleep_forever()
+        if not inbox:
+            raise AssertionError("lifespan received more than startup and shutdown")
+        return inbox.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        if "lifespan.startup.failed" not in sent:
+            sent.append(message["type"])
+
+    with anyio.fail_after(5), server:
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+    return sent
+
+
+COMPLETE = ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+def app_with_lifespan(supervisor: Supervisor, log: list[str]) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        log.append(f"app startup (supervisor started: {supervisor.started})")
+        yield
+        log.append(f"app shutdown (supervisor started: {supervisor.started})")
+
+    return Starlette(lifespan=lifespan)
+
+
+@pytest.mark.parametrize("mode", ["auto", "forward"])
+async def test_an_apps_own_lifespan_runs_inside_the_supervisors(mode: LifespanMode) -> None:
+    supervisor = Supervisor(MemoryStore())
+    log: list[str] = []
+    app = TurnstreamMiddleware(
+        app_with_lifespan(supervisor, log), supervisor=supervisor, authorize=principal_of,
+        lifespan=mode,
+    )
+    assert await run_lifespan(app) == COMPLETE
+    # The supervisor starts before the app's startup and drains before its shutdown: running
+    # turns may still need what the app's lifespan set up.
+    assert log == [
+        "app startup (supervisor started: True)",
+        "app shutdown (supervisor started: False)",
+    ]
+    assert not supervisor.started
+
+
+async def raises_on_lifespan(scope: Any, receive: Any, send: Any) -> None:
+    # What Django's ASGIHandler does with any scope but "http".
+    raise ValueError(f"only HTTP, not {scope['type']}")
+
+
+async def reads_then_raises(scope: Any, receive: Any, send: Any) -> None:
+    await receive()
+    raise RuntimeError("lifespan is not for me")
+
+
+async def returns_on_lifespan(scope: Any, receive: Any, send: Any) -> None:
+    return None
+
+
+@pytest.mark.parametrize("inner", [raises_on_lifespan, reads_then_raises, returns_on_lifespan])
+async def test_auto_serves_the_lifespan_an_app_does_not_speak(inner: Any) -> None:
+    supervisor = Supervisor(MemoryStore())
+    started: list[bool] = []
+    original_aclose = supervisor.aclose
+
+    async def aclose() -> None:
+        started.append(supervisor.started)
+        await original_aclose()
+
+    supervisor.aclose = aclose  # type: ignore[method-assign]
+    app = TurnstreamMiddleware(inner, supervisor=supervisor, authorize=principal_of)
+    assert await run_lifespan(app) == COMPLETE
+    assert started[0] is True  # it ran between startup and shutdown
+    assert not supervisor.started
+
+
+async def test_forward_lets_the_apps_refusal_through() -> None:
+    supervisor = Supervisor(MemoryStore())
+    app = TurnstreamMiddleware(
+        raises_on_lifespan, supervisor=supervisor, authorize=principal_of, lifespan="forward"
+    )
+    with pytest.raises(ValueError, match="only HTTP"):
+        await run_lifespan(app)
+    assert not supervisor.started
+
+
+async def test_own_never_shows_the_app_a_lifespan() -> None:
+    supervisor = Supervisor(MemoryStore())
+    log: list[str] = []
+    app = TurnstreamMiddleware(
+        app_with_lifespan(supervisor, log), supervisor=supervisor, authorize=principal_of,
+        lifespan="own",
+    )
+    assert await run_lifespan(app) == COMPLETE
+    assert log == []
+    assert not supervisor.started
+
+
+async def test_an_apps_failed_startup_is_its_own() -> None:
+    supervisor = Supervisor(MemoryStore())
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        raise RuntimeError("no database")
+        yield
+
+    app = TurnstreamMiddleware(
+        Starlette(lifespan=lifespan), supervisor=supervisor, authorize=principal_of
+    )
+    # Starlette answered `startup.failed` itself, so this is no app without lifespan: nothing
+    # is taken over, and the app's exception reaches the server.
+    with pytest.raises(RuntimeError, match="no database"):
+        await run_lifespan(app)
+    assert not supervisor.started
+
+
+@pytest.mark.parametrize("mode", ["auto", "own", "forward"])
+async def test_a_supervisor_that_cannot_start_fails_the_startup(
+    mode: LifespanMode, caplog: pytest.LogCaptureFixture
+) -> None:
+    supervisor = Supervisor(MemoryStore())
+
+    async def start() -> None:
+        raise ConnectionError("no redis")
+
+    supervisor.start = start  # type: ignore[method-assign]
+    inner: Any = raises_on_lifespan if mode != "forward" else Starlette()
+    app = TurnstreamMiddleware(inner, supervisor=supervisor, authorize=principal_of, lifespan=mode)
+    assert await run_lifespan(app) == ["lifespan.startup.failed"]
+    assert "failed to start" in caplog.text
+
+
+def test_lifespan_mode_is_checked() -> None:
+    with pytest.raises(ValueError, match="lifespan must be"):
+        TurnstreamMiddleware(
+            Starlette(), supervisor=Supervisor(MemoryStore()), authorize=principal_of,
+            lifespan="on",  # type: ignore[arg-type]
+        )

@@ -3,26 +3,50 @@
 Everything here is pure: no I/O, no mutation of its arguments, the same input always gives the
 same bytes. The functions are tested against tables of exact wire bytes.
 
-Every frame ends on a frame boundary (``\\n`` for NDJSON, a blank line for SSE), so a
-response may put a keep-alive between any two frames and never inside one.
+Every frame ends on a frame boundary (``\\n`` for NDJSON, a blank line for SSE and the AI
+SDK's UI message stream), so a response may put a keep-alive between any two frames and never
+inside one.
+
+The AI SDK format is the one stateful framing: a text part is opened by the first text delta
+and closed by the end of the turn (or a restart). The state lives in :class:`AiSdkFramer`; the
+mapping itself is the pure :func:`ai_sdk_chunks`, which takes the state and returns the next.
 """
 
 from __future__ import annotations
 
 import enum
 import re
-from typing import Final
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Final
 
+import orjson
 from sse_starlette import ServerSentEvent
 
-from ._events import LoggedEvent
+from ._events import (
+    CANCELLED,
+    COMPLETED,
+    ERROR,
+    FAILED,
+    RESTARTED,
+    STARTED,
+    TEXT_DELTA,
+    LoggedEvent,
+)
 from ._exceptions import InvalidTurnInput
 
 __all__ = [
+    "AI_SDK_DATA_PART",
+    "AI_SDK_DONE",
+    "AI_SDK_HEADERS",
     "MAX_CURSOR",
     "SSE_KEEPALIVE",
     "SSE_LINE_SEPARATOR",
+    "AiSdkFramer",
+    "AiSdkState",
     "StreamFormat",
+    "ai_sdk_chunks",
+    "frame_ai_sdk_chunk",
     "frame_ndjson",
     "frame_sse",
     "negotiate_format",
@@ -58,6 +82,7 @@ class StreamFormat(enum.Enum):
 
     NDJSON = "ndjson"
     SSE = "sse"
+    AI_SDK = "ai-sdk"
 
     @property
     def media_type(self) -> str:
@@ -68,14 +93,26 @@ class StreamFormat(enum.Enum):
         """The idle filler for this format, or ``None`` when it has no way to send one.
 
         NDJSON has no comment syntax: a blank line would be an empty (invalid) JSON document
-        to a strict reader, so NDJSON streams stay silent while idle.
+        to a strict reader, so NDJSON streams stay silent while idle. The AI SDK's stream is
+        SSE underneath (read with eventsource-parser), so it takes the SSE comment.
         """
-        return SSE_KEEPALIVE if self is StreamFormat.SSE else None
+        return None if self is StreamFormat.NDJSON else SSE_KEEPALIVE
+
+    @property
+    def replays_whole_turn(self) -> bool:
+        """Whether a resume ignores the client's cursor and sends the turn from its start.
+
+        The AI SDK's resume (``DefaultChatTransport`` with ``resumeStreamIsReplay``, the
+        default) rebuilds the assistant message from the first ``start`` chunk it reads, so
+        it needs the whole turn; its chunks carry no seq to resume after anyway.
+        """
+        return self is StreamFormat.AI_SDK
 
 
 _MEDIA_TYPES: Final = {
     StreamFormat.NDJSON: "application/x-ndjson",
     StreamFormat.SSE: "text/event-stream",
+    StreamFormat.AI_SDK: "text/event-stream",
 }
 
 
@@ -120,6 +157,153 @@ def sse_retry_frame(ms: int) -> bytes:
     if not isinstance(ms, int) or isinstance(ms, bool) or ms < 0:
         raise ValueError(f"retry must be a non-negative integer of milliseconds, got {ms!r}")
     return ServerSentEvent(retry=ms, sep=SSE_LINE_SEPARATOR).encode()
+
+
+# The AI SDK's UI message stream (the `ai` package's `UIMessageChunk`, read by its
+# `DefaultChatTransport`): SSE with one JSON chunk per `data:` line and no `id:`/`event:`
+# fields. The SDK's parser skips `[DONE]`; it tells a proxy or a hand-rolled client that the
+# message is whole, so it is sent only after a terminal event, never after a broken read.
+AI_SDK_HEADERS: Final = {"x-vercel-ai-ui-message-stream": "v1"}
+AI_SDK_DONE: Final = b"data: [DONE]\n\n"
+# Events with no chunk of their own travel as this data part (the SDK accepts any
+# `data-<name>` chunk and keeps it in the message's parts), the logged event as its `data`.
+AI_SDK_DATA_PART: Final = "data-turnstream"
+
+
+@dataclass(frozen=True, slots=True)
+class AiSdkState:
+    """Where an AI SDK stream is.
+
+    ``text_id``: the open text part, if any. ``done``: a terminal event was framed, so
+    ``[DONE]`` follows. ``attempt``: the attempt the events being read belong to (1, then
+    each ``session.run.restarted`` says). ``hidden_below``: the run's attempt when the stream
+    began; the events of earlier attempts are superseded and not sent at all.
+    """
+
+    text_id: str | None = None
+    done: bool = False
+    attempt: int = 1
+    hidden_below: int = 1
+
+
+def _payload_with_seq_first(event: LoggedEvent) -> dict[str, Any]:
+    value: dict[str, Any] = orjson.loads(event.to_json())
+    return value
+
+
+def ai_sdk_chunks(
+    event: LoggedEvent, state: AiSdkState
+) -> tuple[list[dict[str, Any]], AiSdkState]:
+    """The UI message chunks for one logged event, and the state after them.
+
+    ==========================  ===================================================================
+    log event                   chunks
+    ==========================  ===================================================================
+    session.run.started         ``start`` (``messageId`` = execution id), ``start-step``
+    text-delta (string delta)   ``text-start`` (first delta of a part; id ``text-<seq>``),
+                                ``text-delta``
+    error                       ``error`` (``errorText`` = message, else code)
+    session.run.completed       [``text-end``], ``finish-step``, ``finish`` (``stop``)
+    session.run.failed          [``text-end``], ``finish-step``, ``finish`` (``error``)
+    session.run.cancelled       [``text-end``], ``finish-step``, ``abort`` (``cancelled``)
+    session.run.restarted       [``text-end``], ``finish-step``, ``start-step``,
+                                ``data-turnstream`` (the event)
+    anything else               ``data-turnstream`` (the event, ``seq`` included)
+    any of the three above, in  nothing
+    a superseded attempt
+    ==========================  ===================================================================
+
+    The messageId is the execution id, so the message a POST built and the one a resume
+    replays are the same message to the client.
+
+    Restarts: the protocol has no chunk that takes back text a client has shown. So the
+    attempts a restart had superseded before the stream began (``state.hidden_below``) are
+    not sent: only their ``start`` and the restart chunks are, and a stock client shows the
+    live attempt's text alone. A restart that happens while the stream is read (rare: the
+    reader of a dead owner gets ``owner_lost`` instead) starts a new step; a client drops the
+    dead attempt's text by showing the parts after the last ``step-start``.
+
+    Pure: ``event`` and ``state`` are not changed.
+    """
+    payload = _payload_with_seq_first(event)
+    chunks: list[dict[str, Any]] = []
+
+    def close_text() -> None:
+        if state.text_id is not None:
+            chunks.append({"type": "text-end", "id": state.text_id})
+
+    if event.type == STARTED:
+        start: dict[str, Any] = {"type": "start"}
+        if isinstance(payload.get("executionId"), str):
+            start["messageId"] = payload["executionId"]
+        return [start, {"type": "start-step"}], state
+    if event.type == RESTARTED:
+        close_text()
+        chunks.extend(({"type": "finish-step"}, {"type": "start-step"}))
+        chunks.append({"type": AI_SDK_DATA_PART, "data": payload})
+        attempt = payload.get("attempt")
+        if not isinstance(attempt, int) or isinstance(attempt, bool):
+            attempt = state.attempt + 1
+        return chunks, replace(state, text_id=None, attempt=attempt)
+    if event.type not in _AI_SDK_ENDINGS and state.attempt < state.hidden_below:
+        return [], state  # an event of an attempt a restart superseded
+    if event.type == TEXT_DELTA and isinstance(payload.get("delta"), str):
+        text_id = state.text_id
+        if text_id is None:
+            # The seq of the part's first delta: unique in the turn and the same on every
+            # replay, so a replayed message has the very ids the live one had.
+            text_id = f"text-{event.seq}"
+            chunks.append({"type": "text-start", "id": text_id})
+        chunks.append({"type": "text-delta", "id": text_id, "delta": payload["delta"]})
+        return chunks, replace(state, text_id=text_id)
+    if event.type == ERROR:
+        return [{"type": "error", "errorText": _error_text(payload)}], state
+    if event.type in _AI_SDK_ENDINGS:
+        close_text()
+        chunks.append({"type": "finish-step"})
+        chunks.append(dict(_AI_SDK_ENDINGS[event.type]))
+        return chunks, replace(state, text_id=None, done=True)
+    return [{"type": AI_SDK_DATA_PART, "data": payload}], state
+
+
+_AI_SDK_ENDINGS: Final[Mapping[str, dict[str, Any]]] = {
+    COMPLETED: {"type": "finish", "finishReason": "stop"},
+    FAILED: {"type": "finish", "finishReason": "error"},
+    # What the SDK's own streamText sends when its run is aborted.
+    CANCELLED: {"type": "abort", "reason": "cancelled"},
+}
+
+
+def _error_text(payload: Mapping[str, Any]) -> str:
+    for name in ("message", "code"):
+        value = payload.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return "error"
+
+
+def frame_ai_sdk_chunk(chunk: Mapping[str, Any]) -> bytes:
+    """One UI message chunk on the wire: ``data: <json>`` and a blank line."""
+    # orjson escapes every control character, so the JSON is one line and cannot end the
+    # `data:` field early.
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+class AiSdkFramer:
+    """Frames one turn's events as an AI SDK UI message stream (one framer per response).
+
+    ``frame`` gives every chunk of an event at once, so a keep-alive never splits them; after
+    the terminal event it adds ``[DONE]``. ``hidden_below`` is the run's attempt when the
+    stream begins (see :func:`ai_sdk_chunks`).
+    """
+
+    def __init__(self, *, hidden_below: int = 1) -> None:
+        self.state = AiSdkState(hidden_below=hidden_below)
+
+    def frame(self, event: LoggedEvent) -> bytes:
+        chunks, self.state = ai_sdk_chunks(event, self.state)
+        wire = b"".join(frame_ai_sdk_chunk(chunk) for chunk in chunks)
+        return wire + AI_SDK_DONE if self.state.done else wire
 
 
 def negotiate_format(format_param: str | None, accept: str | None) -> StreamFormat:

@@ -28,13 +28,22 @@ from ._exceptions import (
     TurnInputMismatch,
     TurnstreamError,
 )
-from ._framing import StreamFormat, frame_ndjson, frame_sse, negotiate_format, parse_cursor
+from ._framing import (
+    AI_SDK_HEADERS,
+    AiSdkFramer,
+    StreamFormat,
+    frame_ai_sdk_chunk,
+    frame_ndjson,
+    frame_sse,
+    negotiate_format,
+    parse_cursor,
+)
 from ._hooks import Producer, TurnHooks
 from ._identity import TurnIdentity, canonical_input_hash
 from ._problems import problem_for_exception
 from ._reader import read_run
 from ._response import TurnStreamResponse
-from ._store import BeginOutcome, RunKey
+from ._store import BeginOutcome, RunKey, TurnStore
 from ._supervisor import Supervisor
 
 __all__ = ["ChatTurnResult", "handle_chat_turn", "stream_run"]
@@ -110,6 +119,9 @@ _SKIP_HEADERS = {"content-length", "content-type"}
 
 def _stream_error_frame(fmt: StreamFormat, code: str, message: str) -> bytes:
     # Not logged (the store is what failed): no seq, so a resuming client keeps its cursor.
+    if fmt is StreamFormat.AI_SDK:
+        # No `[DONE]` after it: the message is not whole, the client should resume.
+        return frame_ai_sdk_chunk({"type": "error", "errorText": message})
     payload = orjson.dumps(
         {"type": ERROR, "code": code, "message": message, "retryable": True}
     )
@@ -119,12 +131,27 @@ def _stream_error_frame(fmt: StreamFormat, code: str, message: str) -> bytes:
 
 
 async def _frames(
-    events: AsyncIterator[LoggedEvent], fmt: StreamFormat, execution_id: str
+    events: AsyncIterator[LoggedEvent],
+    fmt: StreamFormat,
+    key: RunKey,
+    store: TurnStore,
+    min_attempt: int,
 ) -> AsyncIterator[bytes]:
-    frame = frame_sse if fmt is StreamFormat.SSE else frame_ndjson
+    execution_id = key.execution_id
     try:
+        if fmt is StreamFormat.AI_SDK:
+            # The AI SDK cannot take text back, so the attempts a restart superseded before
+            # this stream began are left out: the run's attempt says which they are.
+            run = await store.get_run(key)
+            attempt = max(min_attempt, run.attempt if run is not None else 1)
+            framer = AiSdkFramer(hidden_below=attempt)
+            frame = framer.frame  # stateful: one per response
+        else:
+            frame = frame_sse if fmt is StreamFormat.SSE else frame_ndjson
         async for event in events:
-            yield frame(event)
+            wire = frame(event)
+            if wire:  # an event the format leaves out (a superseded attempt's, in ai-sdk)
+                yield wire
     except StoreError as exc:
         logger.warning("store failed while streaming %s: %s", execution_id, exc)
         yield _stream_error_frame(
@@ -138,13 +165,16 @@ async def _frames(
         await events.aclose()  # type: ignore[attr-defined]
 
 
-def _stream_headers(execution_id: str, mode: str) -> dict[str, str]:
-    return {
+def _stream_headers(execution_id: str, mode: str, fmt: StreamFormat) -> dict[str, str]:
+    headers = {
         "X-Execution-Id": execution_id,
         "X-Turn-Mode": mode,
         "Cache-Control": "no-store",
         "X-Accel-Buffering": "no",
     }
+    if fmt is StreamFormat.AI_SDK:
+        headers.update(AI_SDK_HEADERS)
+    return headers
 
 
 def stream_run(
@@ -154,14 +184,24 @@ def stream_run(
     fmt: StreamFormat,
     after: int,
     mode: str,
+    min_attempt: int = 1,
 ) -> ChatTurnResult:
-    """A streaming result reading ``key``'s log from ``after`` (also used by the resume route)."""
+    """A streaming result reading ``key``'s log from ``after`` (also used by the resume route).
+
+    A format that replays whole turns (the AI SDK's) ignores ``after`` and reads from the start;
+    it leaves out the attempts below the run's current one, or below ``min_attempt`` when the
+    caller knows a newer attempt is starting.
+    """
     limits = supervisor.limits
+    if fmt.replays_whole_turn:
+        after = 0
     return ChatTurnResult(
         status=200,
         media_type=fmt.media_type,
-        headers=_stream_headers(key.execution_id, mode),
-        body=_frames(read_run(supervisor, key, after=after), fmt, key.execution_id),
+        headers=_stream_headers(key.execution_id, mode, fmt),
+        body=_frames(
+            read_run(supervisor, key, after=after), fmt, key, supervisor.store, min_attempt
+        ),
         execution_id=key.execution_id,
         mode=mode,
         keepalive=fmt.keepalive,
@@ -191,8 +231,9 @@ async def handle_chat_turn(
     ``produce`` (a local producer: restarted if its worker dies) or from ``adapter`` (a
     reconnect adapter: any worker re-attaches to the substrate run). ``format`` /
     ``accept`` choose the framing; ``cursor`` (``?after=``) or ``last_event_id`` resume a
-    stream after a seq. Given a Starlette/FastAPI ``request``, those four default to its
-    ``?format=``, ``Accept``, ``?after=`` and ``Last-Event-ID``.
+    stream after a seq (``format="ai-sdk"``, the AI SDK's UI message stream, checks them but
+    always replays the turn from its start). Given a Starlette/FastAPI ``request``, those four
+    default to its ``?format=``, ``Accept``, ``?after=`` and ``Last-Event-ID``.
     """
     if request is not None:
         format = format if format is not None else request.query_params.get("format")
@@ -227,6 +268,7 @@ async def handle_chat_turn(
                 "use a new turn index for a new message"
             )
         mode = _MODES[result.outcome]
+        min_attempt = 1
         if result.outcome is BeginOutcome.FRESH:
             supervisor.start_pump(
                 result, identity=identity, input=input, hooks=hooks, mode="fresh", adapter=adapter
@@ -247,14 +289,16 @@ async def handle_chat_turn(
                 )
             else:
                 # Nothing to re-attach to (a local producer, or no handle was logged yet):
-                # a new attempt; the log says `session.run.restarted`.
+                # a new attempt; the log says `session.run.restarted`. The pump counts the
+                # attempt up after this returns, so the reader is told which one is coming.
+                min_attempt = result.run.attempt + 1
                 supervisor.start_pump(
                     result, identity=identity, input=input, hooks=hooks, mode="restart",
                     adapter=adapter,
                 )
     except TurnstreamError as exc:
         return _problem_result(exc, execution_id)
-    return stream_run(supervisor, key, fmt=fmt, after=after, mode=mode)
+    return stream_run(supervisor, key, fmt=fmt, after=after, mode=mode, min_attempt=min_attempt)
 
 
 def _check_input_size(input: Mapping[str, Any], supervisor: Supervisor) -> None:

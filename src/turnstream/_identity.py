@@ -25,6 +25,9 @@ __all__ = [
 _SAFE = "-._~!$&'()*+,;=@"
 MAX_COMPONENT_LENGTH = 256
 MAX_TURN_INDEX = 2**53 - 1  # stays exact through JSON in every language
+# The longest derivable id: every code point of both components is up to 4 UTF-8 bytes, each
+# percent-encoded as 3 characters, plus the two colons and the turn index.
+MAX_EXECUTION_ID_LENGTH = 2 * (MAX_COMPONENT_LENGTH * 4 * 3) + 2 + len(str(MAX_TURN_INDEX))
 
 
 def _check_component(value: object, field: str) -> str:
@@ -75,7 +78,7 @@ def derive_execution_id(project_id: str, session_id: str, turn_index: int) -> st
 
 def parse_execution_id(execution_id: str) -> tuple[str, str, int]:
     """Invert :func:`derive_execution_id`; raise :class:`InvalidTurnInput` for anything else."""
-    if not isinstance(execution_id, str) or len(execution_id) > 3 * 2 * MAX_COMPONENT_LENGTH + 32:
+    if not isinstance(execution_id, str) or len(execution_id) > MAX_EXECUTION_ID_LENGTH:
         raise InvalidTurnInput("malformed execution id", field="executionId")
     parts = execution_id.split(":")
     if len(parts) != 3:

@@ -11,7 +11,7 @@ from starlette.requests import ClientDisconnect, Request
 from ._exceptions import InvalidTurnInput, PayloadTooLarge
 from ._hooks import Limits
 
-__all__ = ["ChatTurnRequest", "read_json_body"]
+__all__ = ["ChatTurnRequest", "decode_json_body", "read_json_body"]
 
 
 async def read_json_body(request: Request, *, max_bytes: int) -> Any:
@@ -20,12 +20,12 @@ async def read_json_body(request: Request, *, max_bytes: int) -> Any:
     if declared is not None:
         if not declared.isascii() or not declared.isdigit():
             raise InvalidTurnInput("malformed Content-Length", field="Content-Length")
-        if int(declared) > max_bytes:
+        # Compared by length before int(): a value of over 4300 digits would otherwise be a
+        # ValueError from int()'s own digit limit (a 500), not a 413. Leading zeros are legal.
+        digits = declared.lstrip("0") or "0"
+        if len(digits) > len(str(max_bytes)) or int(digits) > max_bytes:
             raise PayloadTooLarge(f"the body is over {max_bytes} bytes", field="body")
-    content_type = request.headers.get("content-type", "application/json")
-    media = content_type.split(";")[0].strip().lower()
-    if media != "application/json" and not media.endswith("+json"):
-        raise InvalidTurnInput("the body must be application/json", field="Content-Type")
+    _check_json_content_type(request.headers.get("content-type"))
     chunks: list[bytes] = []
     size = 0
     try:
@@ -36,8 +36,28 @@ async def read_json_body(request: Request, *, max_bytes: int) -> Any:
             chunks.append(chunk)
     except ClientDisconnect:
         raise InvalidTurnInput("the client left before sending the whole body") from None
+    return _loads(b"".join(chunks))
+
+
+def decode_json_body(body: bytes, *, content_type: str | None, max_bytes: int) -> Any:
+    """A body some framework already read (Django's ``request.body``), checked as strictly."""
+    if len(body) > max_bytes:
+        raise PayloadTooLarge(f"the body is over {max_bytes} bytes", field="body")
+    _check_json_content_type(content_type)
+    return _loads(body)
+
+
+def _check_json_content_type(content_type: str | None) -> None:
+    if content_type is None:
+        content_type = "application/json"
+    media = content_type.split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise InvalidTurnInput("the body must be application/json", field="Content-Type")
+
+
+def _loads(body: bytes) -> Any:
     try:
-        return orjson.loads(b"".join(chunks))
+        return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidTurnInput(f"the body is not valid JSON: {exc}", field="body") from None
 

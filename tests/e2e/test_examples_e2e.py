@@ -1,6 +1,6 @@
 """One scenario against every shipped app, each a real uvicorn process on a loopback port:
-the Starlette and FastAPI examples, the demo on memory and the demo on a throwaway Redis
-(plus two demo workers sharing that Redis)."""
+the Starlette, FastAPI and Django (ASGI) examples, the demo on memory and the demo on a
+throwaway Redis (plus two demo workers sharing that Redis)."""
 
 from __future__ import annotations
 
@@ -94,6 +94,7 @@ def redis_demos(redis_server: Any) -> Iterator[tuple[ServerProcess, ServerProces
     params=[
         "starlette",
         "fastapi",
+        "django",
         "demo",
         pytest.param("demo-redis", marks=pytest.mark.redis),
     ],
@@ -108,6 +109,9 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     if name == "demo":
         argv = demo_argv(tokens=DEMO_TOKENS)
         headers: dict[str, str] = {}
+    elif name == "django":
+        argv = uvicorn_argv("examples.django_app.asgi:application")
+        headers = example_headers
     else:
         argv = uvicorn_argv(f"examples.{name}_app:app")
         headers = example_headers

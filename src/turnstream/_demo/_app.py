@@ -7,6 +7,7 @@ owner, and the substrate's ``GET /agents/runs`` counts the runs it started.
     GET  /                          the chat page (page.html, no build step, no external assets)
     GET  /healthz                   200 when the store answers, else a 503 problem document
     POST /chat                      {"sessionId", "turnIndex", "message"} → the turn's stream
+    POST /api/chat, GET /api/chat/{id}/stream   the AI SDK transport's routes (_ai_sdk.py)
     GET  /debug/producer-calls      how often the fake model started in this process
     …    /turns/{execution_id}…     resume / cancel / status (TurnstreamMiddleware)
 
@@ -42,6 +43,7 @@ from .._requests import ChatTurnRequest
 from .._store import RunKey, TurnStore
 from .._supervisor import DEFAULT_LEASE_MS, Supervisor
 from ..stores import MemoryStore
+from ._ai_sdk import ai_sdk_routes
 
 if TYPE_CHECKING:
     from ..adapters.orchestrator import OrchestratorAdapter
@@ -280,6 +282,13 @@ def create_demo_app(
             Route("/healthz", healthz, methods=["GET"]),
             Route("/chat", chat, methods=["POST"]),
             Route("/debug/producer-calls", producer_calls, methods=["GET"]),
+            *ai_sdk_routes(
+                supervisor=supervisor,
+                project_id=PROJECT_ID,
+                authorize=demo_principal,
+                produce=produce if adapter is None else None,
+                adapter=adapter,
+            ),
         ],
         middleware=[
             Middleware(TurnstreamMiddleware, supervisor=supervisor, authorize=demo_principal)
