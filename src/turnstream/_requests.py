@@ -62,6 +62,16 @@ def _loads(body: bytes) -> Any:
         raise InvalidTurnInput(f"the body is not valid JSON: {exc}", field="body") from None
 
 
+def check_message(message: str, limits: Limits) -> None:
+    """A user message must have text and fit ``limits.max_message_chars``."""
+    if not message.strip():
+        raise InvalidTurnInput("message must not be empty", field="message")
+    if len(message) > limits.max_message_chars:
+        raise PayloadTooLarge(
+            f"message is longer than {limits.max_message_chars} characters", field="message"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class ChatTurnRequest:
     """The common chat body: ``{"sessionId": str, "turnIndex": int, "message": str}``."""
@@ -86,12 +96,7 @@ class ChatTurnRequest:
             raise InvalidTurnInput("turnIndex must not be negative", field="turnIndex")
         if not isinstance(message, str):
             raise InvalidTurnInput("message must be a string", field="message")
-        if not message.strip():
-            raise InvalidTurnInput("message must not be empty", field="message")
-        if len(message) > limits.max_message_chars:
-            raise PayloadTooLarge(
-                f"message is longer than {limits.max_message_chars} characters", field="message"
-            )
+        check_message(message, limits)
         return cls(session_id=session_id, turn_index=turn_index, message=message)
 
     @classmethod

@@ -23,14 +23,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .._adapter import ReconnectAdapter
-from .._exceptions import InvalidTurnInput, PayloadTooLarge, TurnstreamError
+from .._exceptions import InvalidTurnInput, TurnstreamError
 from .._framing import StreamFormat
 from .._handler import handle_chat_turn, stream_run
 from .._hooks import Limits, Producer
 from .._identity import TurnIdentity, derive_execution_id
 from .._middleware import Principal
 from .._problems import problem_for_exception
-from .._requests import read_json_body
+from .._requests import check_message, read_json_body
 from .._store import RunKey, RunRecord, TurnStore
 from .._supervisor import Supervisor
 
@@ -83,10 +83,7 @@ class AiSdkChatRequest:
         message = "\n".join(texts)
         if not message.strip():
             raise InvalidTurnInput("the last user message has no text", field="messages")
-        if len(message) > limits.max_message_chars:
-            raise PayloadTooLarge(
-                f"message is longer than {limits.max_message_chars} characters", field="message"
-            )
+        check_message(message, limits)
         return cls(chat_id=chat_id, turn_index=turn_index, message=message)
 
     @classmethod

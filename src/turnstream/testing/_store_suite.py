@@ -8,7 +8,7 @@ collects (``Test…``) and give it a ``store`` fixture; see the class docstring.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, NoReturn
 
 import anyio
@@ -697,28 +697,40 @@ class StoreConformance:
             assert _summary(limited) == [(1, "e1"), (2, "e2")]
         assert anyio.current_time() - started < 2.0
 
-    async def test_follow_blocks_until_an_event_is_appended(self, store: TurnStore) -> None:
-        key = self.new_key()
-        lease = await self.own(store, key)
-        await store.append(key, lease, [_delta("e1")])
+    @staticmethod
+    async def follow_across(
+        store: TurnStore, key: RunKey, after: int, action: Callable[[], Awaitable[object]]
+    ) -> tuple[list[LoggedEvent], float]:
+        """Follow ``key`` after ``after`` while ``action`` runs once the follower blocks; return
+        what it got and how long after the action it returned."""
         followed: list[LoggedEvent] = []
         returned_at: list[float] = []
 
         async def reader() -> None:
-            followed.extend(await store.follow(key, after=1, block_ms=10_000))
+            followed.extend(await store.follow(key, after=after, block_ms=10_000))
             returned_at.append(anyio.current_time())
 
         with anyio.fail_after(20):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(reader)
                 await anyio.sleep(0.2)  # let the reader block
-                assert returned_at == [], f"follow returned {followed} before any append"
-                appended_at = anyio.current_time()
-                assert await store.append(key, lease, [_delta("e2")]) == [2]
+                assert returned_at == [], f"follow returned {followed} before the action"
+                acted_at = anyio.current_time()
+                await action()
+        return followed, returned_at[0] - acted_at
+
+    async def test_follow_blocks_until_an_event_is_appended(self, store: TurnStore) -> None:
+        key = self.new_key()
+        lease = await self.own(store, key)
+        await store.append(key, lease, [_delta("e1")])
+
+        async def append() -> None:
+            assert await store.append(key, lease, [_delta("e2")]) == [2]
+
+        followed, delay = await self.follow_across(store, key, 1, append)
         assert _summary(followed) == [(2, "e2")]
         assert followed[0].data == _delta("e2").data
-        # Woken by the append, not by the block timeout.
-        assert returned_at[0] - appended_at < 3.0
+        assert delay < 3.0  # woken by the append, not by the block timeout
 
     async def test_follow_times_out_with_nothing(self, store: TurnStore) -> None:
         key = self.new_key()
@@ -753,29 +765,20 @@ class StoreConformance:
         key = self.new_key()
         lease = await self.own(store, key)
         await store.append(key, lease, [_delta("e1")])
-        followed: list[LoggedEvent] = []
-        returned_at: list[float] = []
 
-        async def reader() -> None:
-            followed.extend(await store.follow(key, after=1, block_ms=10_000))
-            returned_at.append(anyio.current_time())
+        async def finish() -> None:
+            await store.finish(
+                key,
+                lease,
+                status=RunStatus.FAILED,
+                terminal=_terminal(RunStatus.FAILED),
+                final_text=None,
+            )
 
-        with anyio.fail_after(20):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(reader)
-                await anyio.sleep(0.2)
-                assert returned_at == []
-                finished_at = anyio.current_time()
-                await store.finish(
-                    key,
-                    lease,
-                    status=RunStatus.FAILED,
-                    terminal=_terminal(RunStatus.FAILED),
-                    final_text=None,
-                )
+        followed, delay = await self.follow_across(store, key, 1, finish)
         assert _summary(followed) == [(2, "terminal")]
         assert followed[0].type == _events.FAILED
-        assert returned_at[0] - finished_at < 3.0
+        assert delay < 3.0
 
     # -- renew ----------------------------------------------------------------------------
 
