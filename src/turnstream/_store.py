@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -21,6 +21,7 @@ __all__ = [
     "BeginOutcome",
     "BeginResult",
     "Lease",
+    "RenewRequest",
     "RenewResult",
     "RunKey",
     "RunRecord",
@@ -94,6 +95,11 @@ class RunRecord:
     final_text: str | None
     created_at_ms: int
     finished_at_ms: int | None
+    # Finished with a persistence hook that has not confirmed yet (see ``mark_persisted``).
+    persist_pending: bool = False
+    # The store's clock when the snapshot was taken (0 when a store does not say); not part
+    # of what the record says about the run, so two snapshots of one state compare equal.
+    observed_at_ms: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +115,12 @@ class RenewResult:
 
 
 @dataclass(frozen=True, slots=True)
+class RenewRequest:
+    key: RunKey
+    lease: Lease
+
+
+@dataclass(frozen=True, slots=True)
 class AppendRequest:
     key: RunKey
     lease: Lease
@@ -118,7 +130,9 @@ class AppendRequest:
 class TurnStore(Protocol):
     """Durable runs and their logs. Every write is atomic; every run write is fenced by a lease.
 
-    ``retention_ms`` (a constructor setting of each store) is how long a finished run is kept.
+    ``retention_ms`` (a constructor setting of each store) is how long a finished run is kept;
+    ``running_ttl_ms`` how long an unfinished run is kept after its last lease write (begin,
+    claim, renew), so a run nobody finishes cannot stay forever.
     """
 
     async def begin(
@@ -163,7 +177,18 @@ class TurnStore(Protocol):
         ...
 
     async def renew(self, key: RunKey, lease: Lease, *, lease_ms: int) -> RenewResult:
-        """Extend the lease to now + ``lease_ms``; report whether a cancel was requested."""
+        """Extend the lease to now + ``lease_ms``; report whether a cancel was requested.
+
+        The fence compares the lease's holder and token, not its expiry: a lease that lapsed
+        while nobody took the run over is renewed like a live one (its holder was only cut off
+        from the store); after a takeover it raises :class:`LeaseLost`.
+        """
+        ...
+
+    async def renew_batch(
+        self, requests: Sequence[RenewRequest], *, lease_ms: int
+    ) -> list[RenewResult | TurnstreamError]:
+        """Several renews in one round trip where the store can; each fails on its own."""
         ...
 
     async def set_handle(self, key: RunKey, lease: Lease, handle: Mapping[str, Any]) -> None:
@@ -186,12 +211,36 @@ class TurnStore(Protocol):
         status: RunStatus,
         terminal: NewEvent,
         final_text: str | None,
+        persist_after_ms: int | None = None,
     ) -> int:
         """Atomically checkpoint the final text, append the terminal event, release the lease
         and start the retention clock. Return the terminal event's seq.
 
+        With ``persist_after_ms`` the run is marked ``persist_pending``: its owner is about to
+        run the persistence hook, and :meth:`claim_persist` lets another worker retry it once
+        that many ms passed without :meth:`mark_persisted`.
+
         Retrying a finish with the same lease returns the same seq.
         """
+        ...
+
+    async def claim_persist(
+        self, key: RunKey, *, holder: str, lease_ms: int
+    ) -> RunRecord | None:
+        """Take the persistence of a finished run whose owner did not confirm it in time.
+
+        The record when the run is finished, ``persist_pending`` and due (then it is not due
+        again for ``lease_ms``, so concurrent sweepers do not all persist it); else None.
+        """
+        ...
+
+    async def mark_persisted(self, key: RunKey) -> None:
+        """The persistence hook of a finished run succeeded: clear ``persist_pending``."""
+        ...
+
+    async def pending_persists(self, *, limit: int = 100) -> list[RunKey]:
+        """Finished runs whose persistence is pending and due, oldest due first (best effort:
+        callers confirm with :meth:`claim_persist`)."""
         ...
 
     async def release(self, key: RunKey, lease: Lease) -> None:
@@ -210,10 +259,13 @@ class TurnStore(Protocol):
         """
         ...
 
-    async def lapsed_runs(self, *, limit: int = 100) -> list[RunKey]:
-        """Unfinished runs with a run handle whose lease has lapsed, oldest expiry first:
-        what the orphan sweeper can re-attach to. A run without a handle (a local producer)
-        is never listed — only its next request can restart it.
+    async def lapsed_runs(
+        self, *, limit: int = 100, local_after_ms: int | None = None
+    ) -> list[RunKey]:
+        """Unfinished runs whose lease lapsed: those with a run handle (what the orphan
+        sweeper can re-attach to) as soon as it lapsed, oldest expiry first; with
+        ``local_after_ms``, then also those without one (a local producer's, which nothing
+        can re-attach) once lapsed that long, so the sweeper can finish them.
 
         Best effort (on Redis an index beside the runs, which are the truth): a key may be
         stale, so callers confirm with :meth:`claim`.

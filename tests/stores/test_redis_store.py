@@ -97,7 +97,16 @@ async def begin(store: RedisStore, key: RunKey, holder: str = "w1") -> Lease:
 
 
 def leases_key(backend: Backend) -> bytes:
+    """The index of re-attachable runs (with a run handle)."""
     return f"{backend.prefix}:leases".encode()
+
+
+def local_leases_key(backend: Backend) -> bytes:
+    """The index of runs without a handle (local producers)."""
+    return f"{backend.prefix}:leases:local".encode()
+
+
+HANDLE = {"kind": "k", "runId": "r", "data": {}}
 
 
 def closed_port() -> int:
@@ -125,8 +134,9 @@ async def test_keys_of_a_run_share_one_hash_tag_and_slot(backend: Backend) -> No
     assert await raw.type(names["ids"]) == b"hash"
     assert await raw.hgetall(names["ids"]) == {b"a": b"1"}
     assert len({key_slot(name) for name in names.values()}) == 1
-    # Nothing else was written under this prefix but the lease index, which is no run's.
-    leases = f"{backend.prefix}:leases".encode()
+    # Nothing else was written under this prefix but the lease index (of runs without a
+    # handle, like this one), which is no run's.
+    leases = local_leases_key(backend)
     assert sorted(await raw.keys(f"{backend.prefix}:*")) == sorted([*names.values(), leases])
     assert await raw.zrange(leases, 0, -1) == [tag.encode()]
 
@@ -229,13 +239,18 @@ async def test_the_lease_index_follows_every_lease_change(backend: Backend) -> N
         return run.lease_expires_at_ms
 
     lease = await begin(store, key)
+    # Without a handle the run is in the local index; its handle moves it.
+    assert await raw.zscore(local_leases_key(backend), member) == await expiry()
+    assert await indexed() is None
+    await store.set_handle(key, lease, HANDLE)
+    assert await raw.zscore(local_leases_key(backend), member) is None
     assert await raw.type(leases_key(backend)) == b"zset"
     assert await indexed() == await expiry()
     before = await expiry()
     await store.renew(key, lease, lease_ms=120_000)
     assert await indexed() == await expiry() > before
     await store.release(key, lease)
-    assert await indexed() == 0 == await expiry()
+    assert await indexed() == await expiry() <= (await store.get_run(key)).observed_at_ms  # type: ignore[union-attr]
     claimed = await store.claim(key, holder="w2", lease_ms=60_000)
     assert claimed is not None and claimed.lease is not None
     assert claimed.outcome is BeginOutcome.TAKEOVER
@@ -269,7 +284,7 @@ async def test_a_takeover_by_begin_is_indexed(backend: Backend) -> None:
     await anyio.sleep(0.03)
     taken = await begin_result(store, key, "w2")
     assert taken.outcome is BeginOutcome.TAKEOVER
-    score = await raw.zscore(leases_key(backend), key.tag.encode())
+    score = await raw.zscore(local_leases_key(backend), key.tag.encode())
     assert score == taken.run.lease_expires_at_ms
 
 
@@ -326,13 +341,16 @@ async def test_lapsed_runs_checks_the_runs_and_mends_the_index(backend: Backend)
         },
     )
     assert await store.lapsed_runs() == [orphan]
-    # Dropped: the gone, the finished and the foreign; the live one's real expiry restored;
-    # a key squatted by something else is not the store's to judge, so it stays.
+    # Dropped: the gone, the finished and the foreign; the live one (no handle) moved to the
+    # local index with its real expiry; a key squatted by something else is not the store's
+    # to judge, so it stays.
     live_run = await store.get_run(live)
     assert live_run is not None
-    assert await raw.zscore(leases, live.tag.encode()) == live_run.lease_expires_at_ms
+    assert await raw.zscore(local_leases_key(backend), live.tag.encode()) == (
+        live_run.lease_expires_at_ms
+    )
     assert sorted(await raw.zrange(leases, 0, -1)) == sorted(
-        [orphan.tag.encode(), live.tag.encode(), squatted.tag.encode()]
+        [orphan.tag.encode(), squatted.tag.encode()]
     )
     assert await store.lapsed_runs() == [orphan]
 
@@ -341,7 +359,8 @@ async def test_a_broken_lease_index_never_fails_a_run_write(
     backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = backend.store()
-    # Every ZADD and ZREM on the index now fails with WRONGTYPE.
+    # Every ZADD and ZREM on the index now fails with WRONGTYPE (each update of the local
+    # index also removes the run from this one).
     await backend.client().set(leases_key(backend), b"not a sorted set")
     key = new_key()
     with caplog.at_level(logging.WARNING, logger="turnstream.store.redis"):
@@ -363,7 +382,7 @@ async def test_a_broken_lease_index_never_fails_a_run_write(
         assert seq == 3
         completed = await store.claim(key, holder="w3", lease_ms=60_000)
         assert completed is not None and completed.outcome is BeginOutcome.COMPLETED
-    warned = [r for r in caplog.records if "lease index not updated" in r.getMessage()]
+    warned = [r for r in caplog.records if "sweeper index not updated" in r.getMessage()]
     # begin, renew, release, claim (takeover), finish, claim (completed): each one logged.
     assert len(warned) == 6, [r.getMessage() for r in caplog.records]
     run = await store.get_run(key)
@@ -378,13 +397,21 @@ async def test_a_lost_index_write_is_swallowed(
 ) -> None:
     store = backend.store()
     calls: list[str] = []
+    real_pipeline = store._client.pipeline
 
-    async def lost(*args: Any, **kwargs: Any) -> Any:
-        calls.append("index")
-        raise rx.ConnectionError("connection lost while writing the index")
+    def pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = real_pipeline(*args, **kwargs)
 
-    monkeypatch.setattr(store._client, "zadd", lost)
-    monkeypatch.setattr(store._client, "zrem", lost)
+        async def lost(*args: Any, **kwargs: Any) -> Any:
+            calls.append("index")
+            raise rx.ConnectionError("connection lost while writing the index")
+
+        pipe.execute = lost
+        return pipe
+
+    # The store's own client writes only the indexes through pipelines (the run scripts
+    # go one by one or through the write client).
+    monkeypatch.setattr(store._index, "_client", type("Lossy", (), {"pipeline": staticmethod(pipeline)})())
     key = new_key()
     lease = await begin(store, key)
     assert await store.append(key, lease, [event("a")]) == [1]
@@ -401,17 +428,18 @@ async def test_a_lost_index_write_is_swallowed(
     )
     assert len(calls) == 5
     assert await backend.client().exists(leases_key(backend)) == 0
+    assert await backend.client().exists(local_leases_key(backend)) == 0
 
 
 async def test_a_resent_claim_gets_the_lease_it_was_granted(backend: Backend) -> None:
     store = backend.store()
     key = new_key()
     await store.release(key, await begin(store, key, "w1"))
-    run_key = f"{backend.prefix}:{{{key.tag}}}:run".encode()
-    args = [b"w2", b"60000", b"claim-1"]
+    keys = [f"{backend.prefix}:{{{key.tag}}}:{s}".encode() for s in ("run", "log", "ids")]
+    args = [b"w2", b"60000", b"claim-1", b"86400000"]
     # As redis-py does when the reply to the first was lost: the very same call again.
-    first = await store._scripts.claim(keys=[run_key], args=args)
-    again = await store._scripts.claim(keys=[run_key], args=args)
+    first = await store._scripts.claim(keys=keys, args=args)
+    again = await store._scripts.claim(keys=keys, args=args)
     assert (first[0], again[0]) == (b"takeover", b"takeover")
     for reply in (first, again):
         assert dict(zip(reply[2][::2], reply[2][1::2], strict=True))[b"lease_token"] == b"2"
@@ -424,7 +452,7 @@ async def test_a_resent_begin_does_not_get_a_later_claims_lease(backend: Backend
     store = backend.store()
     key = new_key()
     keys = [f"{backend.prefix}:{{{key.tag}}}:{s}".encode() for s in ("run", "log", "ids")]
-    args = [b"h", b"u", b"w1", b"60000", b"request-1"]
+    args = [b"h", b"u", b"w1", b"60000", b"request-1", b"86400000"]
     assert (await store._scripts.begin(keys=keys, args=args))[0] == b"fresh"
     await store.release(key, Lease("w1", 1))
     claimed = await store.claim(key, holder="w1", lease_ms=60_000)
@@ -505,14 +533,44 @@ async def test_text_fields_round_trip_exactly(backend: Backend) -> None:
 # -- retention -------------------------------------------------------------------------------
 
 
+async def test_unfinished_runs_expire_unless_their_lease_is_written(backend: Backend) -> None:
+    store = backend.store(running_ttl_ms=300_000)
+    raw = backend.client()
+    key = new_key()
+    names = [f"{backend.prefix}:{{{key.tag}}}:{s}".encode() for s in ("run", "log", "ids")]
+    lease = await begin(store, key)
+    assert 290_000 < await raw.pttl(names[0]) <= 300_000
+    await store.append(key, lease, [event("a")])  # creates the log and the ids: same TTL
+    for name in names:
+        assert 290_000 < await raw.pttl(name) <= 300_000
+    await raw.pexpire(names[0], 1_000)
+    await raw.pexpire(names[1], 1_000)
+    await store.renew(key, lease, lease_ms=60_000)  # every renewal extends all three
+    for name in names:
+        assert 290_000 < await raw.pttl(name) <= 300_000
+    await store.release(key, lease)
+    await raw.pexpire(names[2], 1_000)
+    claimed = await store.claim(key, holder="w2", lease_ms=60_000)
+    assert claimed is not None and claimed.outcome is BeginOutcome.TAKEOVER
+    for name in names:
+        assert 290_000 < await raw.pttl(name) <= 300_000
+    # A run that nobody writes again is gone after its TTL, log and ids with it.
+    for name in names:
+        await raw.pexpire(name, 1)
+    await anyio.sleep(0.05)
+    assert await store.get_run(key) is None
+    assert await store.read(key) == []
+
+
 async def test_finish_sets_the_retention_ttl_and_drops_the_dedup_index(backend: Backend) -> None:
-    store = backend.store(retention_ms=600_000)
+    store = backend.store(retention_ms=600_000, running_ttl_ms=3_600_000)
     raw = backend.client()
     key = new_key()
     names = [f"{backend.prefix}:{{{key.tag}}}:{s}".encode() for s in ("run", "log")]
     lease = await begin(store, key)
     await store.append(key, lease, [event("a")])
-    assert [await raw.pttl(name) for name in names] == [-1, -1]  # a running run never expires
+    for name in names:  # the running TTL, longer than the retention here
+        assert 3_590_000 < await raw.pttl(name) <= 3_600_000
     await store.finish(
         key,
         lease,
@@ -689,7 +747,7 @@ async def test_a_resent_begin_gets_the_lease_it_was_granted(backend: Backend) ->
     store = backend.store()
     key = new_key()
     keys = [f"{backend.prefix}:{{{key.tag}}}:{s}".encode() for s in ("run", "log", "ids")]
-    args = [b"h", b"u", b"w1", b"60000", b"request-1"]
+    args = [b"h", b"u", b"w1", b"60000", b"request-1", b"86400000"]
     # As redis-py does when the reply to the first was lost: the very same call again.
     first = await store._scripts.begin(keys=keys, args=args)
     again = await store._scripts.begin(keys=keys, args=args)

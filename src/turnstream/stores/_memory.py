@@ -22,6 +22,7 @@ from .._store import (
     BeginOutcome,
     BeginResult,
     Lease,
+    RenewRequest,
     RenewResult,
     RunKey,
     RunRecord,
@@ -31,6 +32,8 @@ from .._store import (
 __all__ = ["MemoryStore"]
 
 DEFAULT_RETENTION_MS = 24 * 3600 * 1000
+DEFAULT_RUNNING_TTL_MS = 24 * 3600 * 1000
+DEFAULT_EVICT_INTERVAL_MS = 30_000
 
 
 def _wall_clock_ms() -> int:
@@ -54,6 +57,8 @@ class _Run:
     finished_at_ms: int | None = None
     finished_by: Lease | None = None
     expires_at_ms: int | None = None
+    persist_pending: bool = False
+    persist_due_at_ms: int = 0
     log: list[LoggedEvent] = field(default_factory=list)
     ids: dict[str, int] = field(default_factory=dict)
     # Replaced on every append; followers wait on the one current when they looked.
@@ -65,27 +70,67 @@ class MemoryStore:
 
     ``clock`` returns the store's time in ms since the epoch; tests pass a fake one to let
     leases lapse without sleeping.
+
+    Expired runs (finished ones after ``retention_ms``, unfinished ones ``running_ttl_ms``
+    after their last lease write) are dropped when touched, and all of them by a scan at
+    most every ``evict_interval_ms``, run by whichever call comes first after that: memory
+    is bounded by what was written within the TTLs, never by a run nobody asks for again.
     """
 
     def __init__(
         self,
         *,
         retention_ms: int = DEFAULT_RETENTION_MS,
+        running_ttl_ms: int = DEFAULT_RUNNING_TTL_MS,
+        evict_interval_ms: int = DEFAULT_EVICT_INTERVAL_MS,
         clock: Callable[[], int] = _wall_clock_ms,
     ) -> None:
+        if retention_ms < 0:
+            raise ValueError("retention_ms must not be negative")
+        if running_ttl_ms <= 0:
+            raise ValueError("running_ttl_ms must be positive")
+        if evict_interval_ms <= 0:
+            raise ValueError("evict_interval_ms must be positive")
         self.retention_ms = retention_ms
+        self.running_ttl_ms = running_ttl_ms
+        self.evict_interval_ms = evict_interval_ms
         self._clock = clock
         self._runs: dict[RunKey, _Run] = {}
         self._closed = False
+        self._next_eviction_ms = clock() + evict_interval_ms
+
+    @property
+    def held_runs(self) -> int:
+        """How many runs this store holds in memory right now (expired ones included until
+        the next eviction scan)."""
+        return len(self._runs)
 
     # -- helpers ---------------------------------------------------------------------------
 
+    def _evict_due(self, now: int) -> None:
+        if now < self._next_eviction_ms:
+            return
+        self._next_eviction_ms = now + self.evict_interval_ms
+        expired = [
+            key
+            for key, run in self._runs.items()
+            if run.expires_at_ms is not None and run.expires_at_ms <= now
+        ]
+        for key in expired:
+            del self._runs[key]
+
     def _get(self, key: RunKey) -> _Run | None:
+        now = self._clock()
+        self._evict_due(now)
         run = self._runs.get(key)
-        if run is not None and run.expires_at_ms is not None and run.expires_at_ms <= self._clock():
+        if run is not None and run.expires_at_ms is not None and run.expires_at_ms <= now:
             del self._runs[key]
             return None
         return run
+
+    def _touch(self, run: _Run, now: int) -> None:
+        """A lease write on an unfinished run: it lives ``running_ttl_ms`` from now."""
+        run.expires_at_ms = now + self.running_ttl_ms
 
     def _fenced(self, key: RunKey, lease: Lease) -> _Run:
         run = self._get(key)
@@ -113,6 +158,8 @@ class MemoryStore:
             final_text=run.final_text,
             created_at_ms=run.created_at_ms,
             finished_at_ms=run.finished_at_ms,
+            persist_pending=run.persist_pending,
+            observed_at_ms=now,
         )
 
     def _join_or_take_over(
@@ -127,6 +174,7 @@ class MemoryStore:
         run.lease_holder = holder
         run.lease_token += 1
         run.lease_expires_at_ms = now + lease_ms
+        self._touch(run, now)
         return BeginResult(
             BeginOutcome.TAKEOVER, self._record(run), Lease(holder, run.lease_token)
         )
@@ -151,6 +199,7 @@ class MemoryStore:
             run = _Run(key=key, input_hash=input_hash, user_id=user_id, created_at_ms=now)
             run.lease_holder, run.lease_token = holder, 1
             run.lease_expires_at_ms = now + lease_ms
+            self._touch(run, now)
             self._runs[key] = run
             return BeginResult(BeginOutcome.FRESH, self._record(run), Lease(holder, 1))
         if run.input_hash != input_hash or run.user_id != user_id:
@@ -214,11 +263,28 @@ class MemoryStore:
             await run.changed.wait()
         return await self.read(key, after=after, limit=limit)
 
+    def _renew_now(self, key: RunKey, lease: Lease, lease_ms: int) -> RenewResult:
+        run = self._fenced(key, lease)
+        now = self._clock()
+        run.lease_expires_at_ms = now + lease_ms
+        self._touch(run, now)
+        return RenewResult(cancel_requested=run.cancel_requested)
+
     async def renew(self, key: RunKey, lease: Lease, *, lease_ms: int) -> RenewResult:
         self._check_open()
-        run = self._fenced(key, lease)
-        run.lease_expires_at_ms = self._clock() + lease_ms
-        return RenewResult(cancel_requested=run.cancel_requested)
+        return self._renew_now(key, lease, lease_ms)
+
+    async def renew_batch(
+        self, requests: Sequence[RenewRequest], *, lease_ms: int
+    ) -> list[RenewResult | TurnstreamError]:
+        self._check_open()
+        results: list[RenewResult | TurnstreamError] = []
+        for request in requests:
+            try:
+                results.append(self._renew_now(request.key, request.lease, lease_ms))
+            except TurnstreamError as exc:
+                results.append(exc)
+        return results
 
     async def set_handle(self, key: RunKey, lease: Lease, handle: Mapping[str, Any]) -> None:
         self._check_open()
@@ -250,6 +316,7 @@ class MemoryStore:
         status: RunStatus,
         terminal: NewEvent,
         final_text: str | None,
+        persist_after_ms: int | None = None,
     ) -> int:
         self._check_open()
         if not status.finished or not terminal.terminal:
@@ -269,15 +336,52 @@ class MemoryStore:
         run.lease_expires_at_ms = 0
         run.expires_at_ms = now + self.retention_ms
         run.ids.clear()  # nothing is appended after the terminal event
+        if persist_after_ms is not None:
+            run.persist_pending = True
+            run.persist_due_at_ms = now + persist_after_ms
         self._wake(run)
         return seq
+
+    async def claim_persist(
+        self, key: RunKey, *, holder: str, lease_ms: int
+    ) -> RunRecord | None:
+        self._check_open()
+        run = self._get(key)
+        now = self._clock()
+        if run is None or not run.status.finished or not run.persist_pending:
+            return None
+        if run.persist_due_at_ms > now:
+            return None
+        run.persist_due_at_ms = now + lease_ms
+        return self._record(run)
+
+    async def mark_persisted(self, key: RunKey) -> None:
+        self._check_open()
+        run = self._get(key)
+        if run is not None:
+            run.persist_pending = False
+
+    async def pending_persists(self, *, limit: int = 100) -> list[RunKey]:
+        self._check_open()
+        if limit <= 0:
+            return []
+        now = self._clock()
+        due = [
+            run
+            for key in list(self._runs)
+            if (run := self._get(key)) is not None
+            and run.persist_pending
+            and run.persist_due_at_ms <= now
+        ]
+        return [run.key for run in heapq.nsmallest(limit, due, key=lambda r: r.persist_due_at_ms)]
 
     async def release(self, key: RunKey, lease: Lease) -> None:
         self._check_open()
         run = self._get(key)
         if run is None or run.lease_holder != lease.holder or run.lease_token != lease.token:
             return
-        run.lease_expires_at_ms = 0
+        # Now, not 0: a local run's orphan grace (lapsed_runs) counts from the release.
+        run.lease_expires_at_ms = self._clock()
         self._wake(run)
 
     async def claim(self, key: RunKey, *, holder: str, lease_ms: int) -> BeginResult | None:
@@ -288,20 +392,29 @@ class MemoryStore:
             return None
         return self._join_or_take_over(run, holder=holder, lease_ms=lease_ms, now=now)
 
-    async def lapsed_runs(self, *, limit: int = 100) -> list[RunKey]:
+    async def lapsed_runs(
+        self, *, limit: int = 100, local_after_ms: int | None = None
+    ) -> list[RunKey]:
         self._check_open()
         if limit <= 0:
             return []
         now = self._clock()
-        lapsed: list[_Run] = []
+        reconnectable: list[_Run] = []
+        local: list[_Run] = []
         for key in list(self._runs):  # _get drops expired runs as it goes
             run = self._get(key)
-            if run is None or run.status.finished or run.handle is None:
+            if run is None or run.status.finished:
                 continue
-            if run.lease_holder is None or run.lease_expires_at_ms <= now:
-                lapsed.append(run)
+            if run.lease_holder is not None and run.lease_expires_at_ms > now:
+                continue
+            if run.handle is not None:
+                reconnectable.append(run)
+            elif local_after_ms is not None and run.lease_expires_at_ms <= now - local_after_ms:
+                local.append(run)
         # Exact, unlike RedisStore's index. nsmallest is stable: ties in creation order.
-        oldest = heapq.nsmallest(limit, lapsed, key=lambda run: run.lease_expires_at_ms)
+        by_expiry = lambda run: run.lease_expires_at_ms  # noqa: E731
+        oldest = heapq.nsmallest(limit, reconnectable, key=by_expiry)
+        oldest += heapq.nsmallest(limit - len(oldest), local, key=by_expiry)
         return [run.key for run in oldest]
 
     async def get_run(self, key: RunKey) -> RunRecord | None:
@@ -321,4 +434,4 @@ class MemoryStore:
         """Make a run's lease lapse now, as if its owner died (tests and chaos drills)."""
         run = self._get(key)
         if run is not None:
-            run.lease_expires_at_ms = 0
+            run.lease_expires_at_ms = self._clock() - 1

@@ -26,6 +26,8 @@ from .._store import (
     BeginOutcome,
     BeginResult,
     Lease,
+    RenewRequest,
+    RenewResult,
     RunKey,
     RunRecord,
     RunStatus,
@@ -1326,6 +1328,164 @@ class StoreConformance:
             raise AssertionError("a run without a handle starved a reconnectable one")
         # Still a lapsed run all the same: its next request takes it over.
         assert (await self.begin(store, plain[0], "worker-b")).outcome is BeginOutcome.TAKEOVER
+
+    async def test_lapsed_runs_list_local_runs_once_lapsed_long_enough(
+        self, store: TurnStore
+    ) -> None:
+        # A run without a handle can only be finished by the sweeper, and only once its lease
+        # lapsed `local_after_ms` ago: a request that comes back before then restarts it.
+        local, reconnectable = self.new_key(), self.new_key()
+        local_lease = await self.own(store, local)
+        await store.release(reconnectable, await self.own_reconnectable(store, reconnectable))
+        await self.lapse_lease(store, local, local_lease)
+        assert await self.lapsed_among(store, [local, reconnectable]) == [reconnectable]
+
+        async def listed(local_after_ms: int) -> list[RunKey]:
+            found = await store.lapsed_runs(limit=100_000, local_after_ms=local_after_ms)
+            return [key for key in found if key in (local, reconnectable)]
+
+        assert await listed(3_600_000) == [reconnectable]
+        await self.advance_clock(store, 60)
+        # Re-attachable runs come first: they can be saved, a local one only ended.
+        assert await listed(30) == [reconnectable, local]
+        # A renewal (its owner came back) takes it off the list again.
+        await store.renew(local, local_lease, lease_ms=self.lease_ms)
+        assert await listed(0) == [reconnectable]
+
+    async def test_a_lapsed_lease_nobody_took_over_is_renewed_by_its_holder(
+        self, store: TurnStore
+    ) -> None:
+        # The owner was only cut off from the store (an outage): its lease is still the
+        # current one, so it renews and writes on; after a takeover it never does.
+        key = self.new_key()
+        lease = await self.own(store, key)
+        await self.lapse_lease(store, key, lease)
+        assert (await self.run_record(store, key)).lease_live is False
+        await store.renew(key, lease, lease_ms=self.lease_ms)
+        assert (await self.run_record(store, key)).lease_live is True
+        assert await store.append(key, lease, [_delta("e1")]) == [1]
+        await self.take_over(store, key, lease)
+        with pytest.raises(LeaseLost):
+            await store.renew(key, lease, lease_ms=self.lease_ms)
+
+    async def test_renew_batch_answers_each_request_on_its_own(self, store: TurnStore) -> None:
+        held, stale_key, finished = self.new_key(), self.new_key(), self.new_key()
+        held_lease = await self.own(store, held)
+        stale = await self.own(store, stale_key, "worker-a")
+        await self.take_over(store, stale_key, stale, "worker-b")
+        finished_lease = await self.own(store, finished)
+        await store.finish(
+            finished,
+            finished_lease,
+            status=RunStatus.COMPLETED,
+            terminal=_terminal(RunStatus.COMPLETED),
+            final_text="t",
+        )
+        await store.request_cancel(held)
+        results = await store.renew_batch(
+            [
+                RenewRequest(held, held_lease),
+                RenewRequest(stale_key, stale),
+                RenewRequest(finished, finished_lease),
+            ],
+            lease_ms=self.lease_ms,
+        )
+        assert isinstance(results[0], RenewResult) and results[0].cancel_requested is True
+        assert isinstance(results[1], LeaseLost), results
+        assert isinstance(results[2], RunFinished), results
+        assert await store.renew_batch([], lease_ms=self.lease_ms) == []
+
+    # -- persistence ----------------------------------------------------------------------
+
+    async def finish_completed(
+        self, store: TurnStore, key: RunKey, lease: Lease, *, persist_after_ms: int | None
+    ) -> int:
+        return await store.finish(
+            key,
+            lease,
+            status=RunStatus.COMPLETED,
+            terminal=_terminal(RunStatus.COMPLETED),
+            final_text="the text",
+            persist_after_ms=persist_after_ms,
+        )
+
+    async def pending_among(self, store: TurnStore, keys: Sequence[RunKey]) -> list[RunKey]:
+        wanted = set(keys)
+        return [key for key in await store.pending_persists(limit=100_000) if key in wanted]
+
+    async def test_a_finish_without_persistence_leaves_nothing_pending(
+        self, store: TurnStore
+    ) -> None:
+        key = self.new_key()
+        await self.finish_completed(store, key, await self.own(store, key), persist_after_ms=None)
+        assert (await self.run_record(store, key)).persist_pending is False
+        assert await store.claim_persist(key, holder="sweeper", lease_ms=self.lease_ms) is None
+        assert await self.pending_among(store, [key]) == []
+
+    async def test_pending_persistence_is_claimed_once_due_and_cleared_when_marked(
+        self, store: TurnStore
+    ) -> None:
+        key, unknown, running = self.new_key(), self.new_key(), self.new_key()
+        await self.own(store, running)
+        lease = await self.own(store, key)
+        seq = await self.finish_completed(store, key, lease, persist_after_ms=self.lease_ms)
+        record = await self.run_record(store, key)
+        assert record.persist_pending is True
+        # The owner is persisting it: nobody else may yet.
+        assert await store.claim_persist(key, holder="sweeper", lease_ms=self.lease_ms) is None
+        assert await self.pending_among(store, [key]) == []
+        # A retried finish (lost reply) keeps it pending and answers the same.
+        assert await self.finish_completed(store, key, lease, persist_after_ms=1) == seq
+        assert (await self.run_record(store, key)).persist_pending is True
+        for other in (unknown, running):
+            assert await store.claim_persist(other, holder="s", lease_ms=self.lease_ms) is None
+        await store.mark_persisted(key)
+        assert (await self.run_record(store, key)).persist_pending is False
+        await store.mark_persisted(key)  # idempotent
+        await store.mark_persisted(unknown)  # and harmless
+        assert await store.claim_persist(key, holder="sweeper", lease_ms=1) is None
+
+    async def test_an_unconfirmed_persistence_is_handed_to_one_claimer(
+        self, store: TurnStore
+    ) -> None:
+        key = self.new_key()
+        await self.finish_completed(store, key, await self.own(store, key), persist_after_ms=1)
+        await self.advance_clock(store, 1 + self.lapse_margin_ms)
+        assert await self.pending_among(store, [key]) == [key]
+        claims: list[RunRecord | None] = []
+
+        async def claim(holder: str) -> None:
+            claims.append(await store.claim_persist(key, holder=holder, lease_ms=self.lease_ms))
+
+        async with anyio.create_task_group() as tg:
+            for holder in ("s1", "s2", "s3"):
+                tg.start_soon(claim, holder)
+        won = [claim for claim in claims if claim is not None]
+        assert len(won) == 1, claims
+        record = won[0]
+        assert (record.status, record.final_text, record.persist_pending) == (
+            RunStatus.COMPLETED,
+            "the text",
+            True,
+        )
+        # Not due again for the claimer's lease_ms, so it is not listed meanwhile…
+        assert await self.pending_among(store, [key]) == []
+        # …and due again after a claim with a short one (its claimer died).
+        await self.advance_clock(store, 1 + self.lapse_margin_ms)
+        assert await store.claim_persist(key, holder="s4", lease_ms=1) is None  # still s1's
+        await store.mark_persisted(key)
+        assert await self.pending_among(store, [key]) == []
+
+    async def test_pending_persists_are_oldest_due_first_and_limited(
+        self, store: TurnStore
+    ) -> None:
+        keys = [self.new_key() for _ in range(3)]
+        for key in keys:
+            await self.finish_completed(store, key, await self.own(store, key), persist_after_ms=1)
+            await self.advance_clock(store, 1 + self.lapse_margin_ms)
+        assert await self.pending_among(store, keys) == keys
+        assert await store.pending_persists(limit=0) == []
+        assert len(await store.pending_persists(limit=1)) == 1
 
     async def test_lapsed_runs_give_back_the_exact_keys(self, store: TurnStore) -> None:
         unique = uuid.uuid4().hex

@@ -6,11 +6,19 @@ which touches all of them, stays within one cluster slot. The tag may hold any c
 is computed from the first ``{…}`` and that part is common to all keys of the run. The
 prefix, which comes first, must not hold a brace at all: that would move the tag.
 
-One key is not a run's: ``{prefix}:leases``, the sorted set of lease expiries the orphan
-sweeper reads (:meth:`RedisStore.lapsed_runs`). It spans every run, so it cannot share their
-slot; the client maintains it after each run script, never inside one, and it is only an
-index: the run hash is the truth. Its members are :attr:`RunKey.tag`, parsed back by
-:func:`run_key_from_tag`.
+Three keys are not a run's: the sweeper's indexes, sorted sets whose members are
+:attr:`RunKey.tag` (parsed back by :func:`run_key_from_tag`):
+
+* ``{prefix}:leases`` — unfinished runs with a run handle, scored by lease expiry (what the
+  sweeper re-attaches, :meth:`RedisStore.lapsed_runs`);
+* ``{prefix}:leases:local`` — unfinished runs without one (a local producer's), scored the
+  same way (what the sweeper finishes as orphans once lapsed long enough); kept apart so a
+  pile of them never hides a re-attachable run from the sweeper;
+* ``{prefix}:persists`` — finished runs whose persistence hook has not confirmed, scored by
+  when another worker may retry it.
+
+They span every run, so they cannot share a run's slot; the client maintains them after each
+run script, never inside one, and they are only indexes: the run hash is the truth.
 
 The ``.lua`` scripts spell the hash and entry field names below literally (Lua has no
 imports); change them together.
@@ -25,7 +33,15 @@ from urllib.parse import unquote
 
 from ..._store import RunKey
 
-__all__ = ["RunKeys", "check_prefix", "leases_key", "run_key_from_tag", "run_keys"]
+__all__ = [
+    "RunKeys",
+    "check_prefix",
+    "leases_key",
+    "local_leases_key",
+    "persists_key",
+    "run_key_from_tag",
+    "run_keys",
+]
 
 DEFAULT_PREFIX: Final = "turnstream"
 
@@ -34,6 +50,8 @@ LOG_KEY: Final = "{prefix}:{{{tag}}}:log"  # stream: entry id 0-<seq>, fields be
 IDS_KEY: Final = "{prefix}:{{{tag}}}:ids"  # hash: eventId -> seq (dedup), dropped on finish
 # Sorted set, member RunKey.tag, score the lease expiry (ms, server clock); not a run's key.
 LEASES_KEY: Final = "{prefix}:leases"
+LOCAL_LEASES_KEY: Final = "{prefix}:leases:local"  # the same, for runs without a handle
+PERSISTS_KEY: Final = "{prefix}:persists"  # score: when a pending persistence is due
 
 # Fields of a log entry: enough to rebuild a LoggedEvent, the seq being the entry id.
 ENTRY_EVENT_ID: Final = b"i"
@@ -61,6 +79,10 @@ FINISHED_BY: Final = b"finished_by"  # holder of the lease that finished it (sam
 BEGIN_ID: Final = b"begin_id"
 BEGIN_OUTCOME: Final = b"begin_outcome"
 RESTART_ID: Final = b"restart_id"
+# Persistence of a finished run: "pending" until mark_persisted ("done"); absent when the
+# run had no persistence hook. persist_due_at: when another worker may retry it.
+PERSIST: Final = b"persist"
+PERSIST_DUE_AT: Final = b"persist_due_at"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +116,14 @@ def run_keys(prefix: str, key: RunKey) -> RunKeys:
 
 def leases_key(prefix: str) -> bytes:
     return LEASES_KEY.format(prefix=prefix).encode()
+
+
+def local_leases_key(prefix: str) -> bytes:
+    return LOCAL_LEASES_KEY.format(prefix=prefix).encode()
+
+
+def persists_key(prefix: str) -> bytes:
+    return PERSISTS_KEY.format(prefix=prefix).encode()
 
 
 # What `quote(tenant, safe="-._~")` can produce: unreserved characters and %XX escapes.

@@ -9,9 +9,10 @@ from urllib.parse import urlsplit
 
 from ._keys import DEFAULT_PREFIX, check_prefix
 
-__all__ = ["RedisSettings"]
+__all__ = ["DEFAULT_RETENTION_MS", "DEFAULT_RUNNING_TTL_MS", "RedisSettings"]
 
 DEFAULT_RETENTION_MS: Final = 24 * 3600 * 1000
+DEFAULT_RUNNING_TTL_MS: Final = 24 * 3600 * 1000
 _SCHEMES: Final = frozenset({"redis", "rediss", "unix"})
 
 
@@ -23,16 +24,27 @@ class RedisSettings:
     ``block_ms`` waits this long and returns empty, which a follower treats as "nothing yet").
     The blocking connection pool gets ``socket_timeout = max_block_ms + block_socket_margin``
     so a block that runs its full course is never cut short by the socket.
+
+    The store has three pools, each bounded, each *waiting* up to ``pool_timeout_s`` for a
+    free connection rather than failing at once: ``max_connections`` for requests (begin,
+    claim, reads, status), ``write_connections`` for the pumps' writes (appends are batched
+    across all runs of the process, so a few suffice), ``follow_connections`` for blocking
+    reads (shared by every follower of the process: one ``XREAD BLOCK`` watches up to 512
+    runs' logs).
     """
 
     url: str = "redis://localhost:6379/0"
     prefix: str = DEFAULT_PREFIX
-    retention_ms: int = DEFAULT_RETENTION_MS
+    retention_ms: int = DEFAULT_RETENTION_MS  # a finished run is kept this long
+    running_ttl_ms: int = DEFAULT_RUNNING_TTL_MS  # an unfinished one, after its last lease write
     socket_timeout_s: float | None = 5.0  # every command but the blocking read
     connect_timeout_s: float = 5.0
     max_block_ms: int = 30_000
     block_socket_margin_s: float = 5.0
-    max_connections: int | None = None  # per pool (there are two: commands, blocking reads)
+    max_connections: int = 64
+    write_connections: int = 4
+    follow_connections: int = 4  # each one XREAD BLOCK listing up to 512 runs' logs
+    pool_timeout_s: float = 5.0
     # Resends after a connection error or timeout, with jittered backoff from 10 ms up to
     # 500 ms. Every script is safe to resend. Kept low on purpose: redis-py's own default
     # (10) turns an unresponsive server into a minute-long wait behind each request.
@@ -55,8 +67,13 @@ class RedisSettings:
             raise ValueError("max_block_ms must be positive")
         if self.block_socket_margin_s <= 0:
             raise ValueError("block_socket_margin_s must be positive")
-        if self.max_connections is not None and self.max_connections < 1:
-            raise ValueError("max_connections must be at least 1")
+        for name in ("max_connections", "write_connections", "follow_connections"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer of at least 1")
+        if self.pool_timeout_s <= 0:
+            raise ValueError("pool_timeout_s must be positive")
+        if self.running_ttl_ms <= 0:
+            raise ValueError("running_ttl_ms must be positive")
         if self.retries < 0:
             raise ValueError("retries must not be negative")
 

@@ -15,6 +15,15 @@ local function int(n)
   return string.format('%d', n)
 end
 
+-- An unfinished run is kept ttl ms after its last lease write (begin, claim, renew), its log
+-- and dedup ids with it, so a run that nobody ever finishes cannot stay forever. PEXPIRE of
+-- a key that does not exist yet is a no-op; append.lua gives a new log the run's TTL.
+local function keep(ttl, run, log, ids)
+  redis.call('PEXPIRE', run, ttl)
+  redis.call('PEXPIRE', log, ttl)
+  redis.call('PEXPIRE', ids, ttl)
+end
+
 -- nil when (holder, token) is the current lease of a running run, else the refusal.
 -- The full lease value is compared, not just the token. The lease that finished the run
 -- learns that the run is finished; any other stale lease that it lost the run.

@@ -32,6 +32,14 @@ for _, i in ipairs(writes) do
   redis.call('HSET', ids, ARGV[i], event_seq)
 end
 if #writes > 0 then
+  if tonumber(redis.call('HGET', run, 'last_seq')) == 0 then
+    -- The first entries create the log and the ids: they expire with the run.
+    local ttl = redis.call('PTTL', run)
+    if ttl > 0 then
+      redis.call('PEXPIRE', log, ttl)
+      redis.call('PEXPIRE', ids, ttl)
+    end
+  end
   redis.call('HSET', run, 'last_seq', int(seq))
 end
 return {'ok', seqs}

@@ -1,9 +1,9 @@
 -- Classify a turn request (DESIGN §4) and, when fresh or taken over, lease the run.
--- KEYS: run, log, ids.  ARGV: input_hash, user_id, holder, lease_ms, begin_id.
+-- KEYS: run, log, ids.  ARGV: input_hash, user_id, holder, lease_ms, begin_id, running_ttl_ms.
 -- Returns {outcome, now_ms, HGETALL of the run}.
 local run, log, ids = KEYS[1], KEYS[2], KEYS[3]
 local input_hash, user_id, holder = ARGV[1], ARGV[2], ARGV[3]
-local lease_ms, begin_id = tonumber(ARGV[4]), ARGV[5]
+local lease_ms, begin_id, ttl = tonumber(ARGV[4]), ARGV[5], ARGV[6]
 local now = now_ms()
 
 local function answer(outcome)
@@ -22,6 +22,7 @@ if not f[1] then
     'attempt', '1', 'last_seq', '0', 'cancel_requested', '0', 'created_at', int(now),
     'lease_holder', holder, 'lease_token', '1', 'lease_expires_at', int(now + lease_ms),
     'begin_id', begin_id, 'begin_outcome', 'fresh')
+  redis.call('PEXPIRE', run, ttl)
   return answer('fresh')
 end
 
@@ -47,4 +48,5 @@ end
 redis.call('HINCRBY', run, 'lease_token', 1)
 redis.call('HSET', run, 'lease_holder', holder, 'lease_expires_at', int(now + lease_ms),
   'begin_id', begin_id, 'begin_outcome', 'takeover')
+keep(ttl, run, log, ids)
 return answer('takeover')

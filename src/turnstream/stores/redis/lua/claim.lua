@@ -1,8 +1,8 @@
 -- Take over a run whose lease lapsed, with no input to check (the sweeper, a resume GET).
 -- Never creates a run.
--- KEYS: run.  ARGV: holder, lease_ms, claim_id.
+-- KEYS: run, log, ids.  ARGV: holder, lease_ms, claim_id, running_ttl_ms.
 -- Returns {outcome, now_ms, HGETALL of the run}; outcome 'none' when there is no run.
-local run = KEYS[1]
+local run, log, ids = KEYS[1], KEYS[2], KEYS[3]
 local holder, lease_ms, claim_id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local now = now_ms()
 
@@ -35,4 +35,5 @@ end
 redis.call('HINCRBY', run, 'lease_token', 1)
 redis.call('HSET', run, 'lease_holder', holder, 'lease_expires_at', int(now + lease_ms),
   'begin_id', claim_id, 'begin_outcome', 'takeover')
+keep(ARGV[4], run, log, ids)
 return answer('takeover')
