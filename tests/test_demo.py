@@ -14,6 +14,9 @@ import orjson
 import pytest
 from starlette.applications import Starlette
 
+from tests._helpers import call_with_a_stalled_body
+from tests._redis_process import free_port
+from turnstream import Limits
 from turnstream._demo import create_demo_app, fake_reply
 from turnstream._demo._app import VOCABULARY
 from turnstream._supervisor import Supervisor
@@ -143,10 +146,42 @@ async def test_page(client: httpx.AsyncClient) -> None:
         assert needle in page
 
 
-async def test_healthz(client: httpx.AsyncClient) -> None:
-    response = await client.get("/healthz")
-    assert response.status_code == 200
-    assert response.json() == {"status": "ok"}
+async def test_healthz_is_the_readiness_check() -> None:
+    app = create_demo_app(tokens=TOKENS, token_delay_ms=0)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://demo.test") as client:
+        # No lifespan here, and the check does not start the supervisor by itself.
+        not_started = await client.get("/healthz")
+        assert not_started.status_code == 503
+        assert not_started.headers["retry-after"] == "1"
+        assert not_started.json()["type"] == "https://turnstream.dev/problems/not-ready"
+        async with app.state.supervisor:
+            response = await client.get("/healthz")
+            assert response.status_code == 200
+            assert response.json() == {"status": "ready"}
+            assert (await client.head("/healthz")).status_code == 200
+        assert (await client.get("/healthz")).status_code == 503  # shut down
+
+
+@pytest.mark.parametrize(
+    ("path", "first_chunk"),
+    [
+        ("/chat", b'{"sessionId": "s'),
+        ("/api/chat", b'{"id": "c1", "messages": ['),
+        (execution_url("demo:s1:0", "/cancel"), b"{"),
+    ],
+)
+async def test_a_body_that_never_arrives_is_a_408(path: str, first_chunk: bytes) -> None:
+    app = create_demo_app(tokens=TOKENS, token_delay_ms=0, limits=Limits(body_timeout_s=0.2))
+    try:
+        answer = await call_with_a_stalled_body(app, path, first_chunk=first_chunk)
+    finally:
+        await app.state.supervisor.aclose()
+    assert answer.status == 408
+    assert 0.15 < answer.seconds < 2, answer.seconds
+    assert answer.headers["connection"] == "close"
+    assert answer.json()["type"] == "https://turnstream.dev/problems/request-timeout"
+    assert app.state.producer_calls.total == 0
 
 
 # -- turns ------------------------------------------------------------------------------------
@@ -449,12 +484,63 @@ async def test_lifespan_starts_and_stops_the_supervisor() -> None:
     assert not supervisor.started
 
 
+async def test_the_demo_starts_while_its_store_is_down(caplog: pytest.LogCaptureFixture) -> None:
+    # A Redis outage must not turn restarting workers into a crash loop: the lifespan starts
+    # (with a warning), turn requests are 503s with Retry-After, readiness says "not ready".
+    app = create_demo_app(redis_url=f"redis://127.0.0.1:{free_port()}/0", tokens=TOKENS)
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def receive() -> dict[str, Any]:
+        return await inbox.get()
+
+    async def send(message: Any) -> None:
+        await outbox.put(dict(message))
+
+    lifespan = asyncio.create_task(
+        app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    )
+    try:
+        await inbox.put({"type": "lifespan.startup"})
+        assert (await asyncio.wait_for(outbox.get(), 10))["type"] == "lifespan.startup.complete"
+        assert app.state.supervisor.started
+        assert "the turn store is unreachable" in caplog.text
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://demo.test") as client:
+            answers = {
+                "healthz": await client.get("/healthz"),
+                "chat": await client.post("/chat", json=body()),
+                "api chat": await client.post(
+                    "/api/chat",
+                    json={"id": "c1", "messages": [
+                        {"role": "user", "parts": [{"type": "text", "text": "hi"}]}
+                    ]},
+                ),
+                "api resume": await client.get("/api/chat/c1/stream"),
+                "resume": await client.get(execution_url("demo:s1:0", "/stream")),
+                "status": await client.get(execution_url("demo:s1:0")),
+                "cancel": await client.post(execution_url("demo:s1:0", "/cancel"), json={}),
+            }
+            assert (await client.get("/")).status_code == 200  # the page needs no store
+        for name, response in answers.items():
+            assert response.status_code == 503, (name, response.text)
+            assert response.headers["retry-after"] == "1", name
+            assert response.json()["type"] == "https://turnstream.dev/problems/store-unavailable"
+        assert app.state.producer_calls.total == 0
+        await inbox.put({"type": "lifespan.shutdown"})
+        assert (await asyncio.wait_for(outbox.get(), 10))["type"] == "lifespan.shutdown.complete"
+        await asyncio.wait_for(lifespan, 5)
+    finally:
+        lifespan.cancel()
+
+
 @pytest.mark.redis
 async def test_demo_on_redis(redis_server: Any) -> None:
     app = create_demo_app(redis_url=redis_server.url, tokens=TOKENS, token_delay_ms=0)
     transport = httpx.ASGITransport(app=app)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://demo.test") as client:
+            await app.state.supervisor.start()  # no lifespan: readiness needs it running
             assert (await client.get("/healthz")).status_code == 200
             session = "redis-in-process"
             fresh = await client.post("/chat", json=body(session=session))

@@ -9,9 +9,10 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI, Request, Response
 
-from tests._helpers import WordProducer, ndjson, text_of
+from tests._helpers import WordProducer, call_with_a_stalled_body, ndjson, text_of
 from turnstream import (
     InvalidTurnInput,
+    Limits,
     MemoryStore,
     Principal,
     Supervisor,
@@ -124,3 +125,20 @@ async def test_a_different_input_for_the_same_turn_is_409(env: Any) -> None:
     assert conflict.status_code == 409
     assert conflict.headers["content-type"] == "application/problem+json"
     assert producer.calls == 1
+
+
+async def test_a_body_that_never_arrives_is_a_408() -> None:
+    # The dependency reads with the supervisor's limits: their deadline ends the wait.
+    supervisor = Supervisor(MemoryStore(), lease_ms=2000, limits=Limits(body_timeout_s=0.2))
+    producer = WordProducer()
+    seen: list[ChatTurn] = []
+    app = build_app(supervisor, producer, seen)
+    headers = ((b"content-type", b"application/json"), (b"x-user-id", b"ada"))
+    async with supervisor:
+        answer = await call_with_a_stalled_body(app, "/chat", headers=headers)
+    assert answer.status == 408
+    assert 0.15 < answer.seconds < 2, answer.seconds
+    assert answer.headers["connection"] == "close"
+    assert answer.json()["type"] == "https://turnstream.dev/problems/request-timeout"
+    assert seen == []
+    assert producer.calls == 0

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sse_starlette import ServerSentEvent
 
+from tests._helpers import CURSOR_CASES
 from turnstream._events import LoggedEvent
 from turnstream._exceptions import InvalidTurnInput
 from turnstream._framing import (
@@ -316,6 +317,11 @@ CURSOR_TABLE = [
     ("0", "3", 3),
     ("9007199254740991", None, MAX_CURSOR),
     (None, "9007199254740991", MAX_CURSOR),
+    # HTTP's optional whitespace (SP, HTAB) around the number is ignored in both sources.
+    (" 5", None, 5),
+    (None, "7 ", 7),
+    ("\t5\t", " 7\t", 7),
+    (" ", "\t", 0),
 ]
 
 
@@ -328,10 +334,13 @@ BAD_CURSORS = [
     "-1",
     "+1",
     "-0",
-    " 1",
-    "1 ",
     "1\n",
-    "\t1",
+    "\n1",
+    "1\r\n",
+    "\x0b1",  # whitespace to str.strip(), but not HTTP's optional whitespace
+    "\u00a01",  # NO-BREAK SPACE: likewise
+    "\u30001",  # IDEOGRAPHIC SPACE: likewise
+    "1 2",
     "1_000",
     "01",
     "00",
@@ -345,7 +354,7 @@ BAD_CURSORS = [
     "9007199254740992",
     "99999999999999999999",
     "1" * 5000,  # beyond int()'s own digit limit
-    " ",
+    " " * 5000 + "1" * 5000,  # stripped first, then refused by length
     "\x00",
 ]
 
@@ -364,6 +373,18 @@ def test_parse_cursor_rejects_last_event_id(value: str) -> None:
     assert info.value.field == "Last-Event-ID"
 
 
+@pytest.mark.parametrize(("value", "expected"), CURSOR_CASES, ids=repr)
+def test_both_cursor_sources_follow_one_rule(value: str, expected: int | None) -> None:
+    # The same table as the routes' test (tests/test_middleware.py): one rule, two sources.
+    for after, last_event_id, field in ((value, None, "after"), (None, value, "Last-Event-ID")):
+        if expected is None:
+            with pytest.raises(InvalidTurnInput) as info:
+                parse_cursor(after, last_event_id)
+            assert info.value.field == field
+        else:
+            assert parse_cursor(after, last_event_id) == expected
+
+
 def test_parse_cursor_names_after_first_when_both_are_bad() -> None:
     with pytest.raises(InvalidTurnInput) as info:
         parse_cursor("x", "y")
@@ -378,8 +399,10 @@ def _check_cursor(after: str | None, last_event_id: str | None) -> None:
     else:
         assert type(cursor) is int
         assert 0 <= cursor <= MAX_CURSOR
-        # Only the canonical form of a number is accepted.
+        # Only the canonical form of a number is accepted, give or take HTTP's optional
+        # whitespace around it.
         for value in (after, last_event_id):
+            value = value.strip(" \t") if value else value
             assert not value or value == str(int(value))
 
 

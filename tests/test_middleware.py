@@ -14,11 +14,13 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from tests._helpers import WordProducer, ndjson, text_of
+from tests._helpers import CURSOR_CASES, WordProducer, call_with_a_stalled_body, ndjson, text_of
 from turnstream import (
     ChatTurnRequest,
+    Limits,
     MemoryStore,
     Principal,
+    RequestTimeout,
     Supervisor,
     TurnIdentity,
     TurnstreamError,
@@ -143,6 +145,11 @@ async def test_cancel_route_needs_json_and_is_idempotent(env: Any) -> None:
         form = await client.post("/turns/proj:s1:0/cancel", data={"x": "1"})
         assert form.status_code == 415
         assert form.headers["content-type"] == "application/problem+json"
+        empty = await client.post(
+            "/turns/proj:s1:0/cancel", headers={"Content-Type": "application/json"}
+        )
+        assert empty.status_code == 400
+        assert empty.json()["field"] == "body"
         other = await client.post("/turns/proj:s1:0/cancel", json={}, headers={"x-tenant": "t2"})
         assert other.status_code == 404
         assert (await client.get("/turns/proj:s1:0")).json()["status"] == "running"
@@ -157,6 +164,104 @@ async def test_cancel_route_needs_json_and_is_idempotent(env: Any) -> None:
     again = await client.post("/turns/proj:s1:0/cancel", json={})
     assert again.status_code == 202
     assert again.json()["status"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("content", "status"),
+    [
+        (b"{}", 202),
+        (b' {"reason": "changed my mind"} ', 202),  # other members are ignored
+        (b"", 400),
+        (b"{", 400),
+        (b"not json", 400),
+        (b"[]", 400),
+        (b"null", 400),
+        (b'"cancel"', 400),
+        (b"1", 400),
+        (b"{}" + b" " * (1024 * 1024), 413),
+    ],
+)
+async def test_cancel_takes_a_json_object_body(env: Any, content: bytes, status: int) -> None:
+    client, _, _ = env
+    await finished_turn(client)
+    response = await client.post(
+        "/turns/proj:s1:0/cancel", content=content, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == status, response.text
+    if status == 202:
+        assert response.json()["executionId"] == "proj:s1:0"
+    else:
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["field"] == "body"
+
+
+async def test_a_bad_cancel_body_is_refused_before_the_store_is_asked() -> None:
+    # An unknown turn with a bad body is a 400, not a 404: the body is judged first, so a
+    # malformed cancel learns nothing about which turns exist.
+    supervisor = Supervisor(MemoryStore(), lease_ms=2000)
+    app = build_app(supervisor, WordProducer())
+    async with supervisor, httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        response = await client.post(
+            "/turns/proj:nope:0/cancel", content=b"[]", headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 400
+        unknown = await client.post("/turns/proj:nope:0/cancel", json={})
+        assert unknown.status_code == 404
+
+
+async def test_a_cancel_body_that_never_arrives_is_a_408() -> None:
+    supervisor = Supervisor(MemoryStore(), lease_ms=2000, limits=Limits(body_timeout_s=0.2))
+    app = build_app(supervisor, WordProducer())
+    async with supervisor:
+        answer = await call_with_a_stalled_body(app, "/turns/proj:s1:0/cancel", first_chunk=b"{")
+    assert answer.status == 408
+    assert 0.15 < answer.seconds < 2, answer.seconds
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert answer.headers["connection"] == "close"  # the server stops reading, too
+    assert answer.json()["type"] == "https://turnstream.dev/problems/request-timeout"
+    assert answer.json()["field"] == "body"
+
+
+async def test_chat_turn_request_read_has_a_deadline() -> None:
+    limits = Limits(body_timeout_s=0.2)
+    answers: list[object] = []
+
+    async def chat(request: Request) -> Response:
+        try:
+            await ChatTurnRequest.read(request, limits=limits)
+        except TurnstreamError as exc:
+            answers.append(exc)
+            return problem_for_exception(exc)
+        return PlainTextResponse("read")  # never: the body does not arrive
+
+    app = Starlette(routes=[Route("/chat", chat, methods=["POST"])])
+    answer = await call_with_a_stalled_body(app, "/chat")
+    assert answer.status == 408
+    assert 0.15 < answer.seconds < 2, answer.seconds
+    assert isinstance(answers[0], RequestTimeout)
+
+
+@pytest.mark.parametrize(("value", "expected"), CURSOR_CASES, ids=repr)
+async def test_the_resume_route_reads_both_cursor_sources_by_one_rule(
+    env: Any, value: str, expected: int | None
+) -> None:
+    # The same table as the parser's test (tests/test_framing.py), through a real request:
+    # once as the raw header value the app sees, once as the query value.
+    client, _, _ = env
+    events = await finished_turn(client)
+    by_header = await client.get(
+        "/turns/proj:s1:0/stream", headers=[(b"last-event-id", value.encode("ascii"))]
+    )
+    by_query = await client.get("/turns/proj:s1:0/stream", params={"after": value})
+    for response, field in ((by_header, "Last-Event-ID"), (by_query, "after")):
+        if expected is None:
+            assert response.status_code == 400, (field, response.text)
+            assert response.json()["field"] == field
+        else:
+            assert response.status_code == 200, (field, response.text)
+            assert ndjson(response.content) == events[expected:]
 
 
 @pytest.mark.parametrize(

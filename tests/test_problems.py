@@ -15,6 +15,7 @@ from turnstream._exceptions import (
     InvalidTurnInput,
     LeaseLost,
     PayloadTooLarge,
+    RequestTimeout,
     RunFinished,
     RunNotFound,
     StoreError,
@@ -112,6 +113,7 @@ MAPPING = [
         413,
         "payload-too-large",
     ),
+    (RequestTimeout("the body did not arrive within 10 s", field="body"), 408, "request-timeout"),
     (TurnInputMismatch("hash abc != def"), 409, "input-mismatch"),
     (RunNotFound("tenant t2 has no run p:s:0"), 404, "run-not-found"),
     (StoreUnavailable("ConnectionError('redis://10.0.0.7:6379')"), 503, "store-unavailable"),
@@ -138,7 +140,7 @@ def test_problem_for_exception(exc: BaseException, status: int, slug: str) -> No
     assert ("retry-after" in response.headers) == (status == 503)
 
 
-@pytest.mark.parametrize(("exc", "status", "slug"), MAPPING[:2])
+@pytest.mark.parametrize(("exc", "status", "slug"), MAPPING[:3])
 def test_input_problems_explain_themselves(exc: InvalidTurnInput, status: int, slug: str) -> None:
     body = document(problem_for_exception(exc))
     assert body["detail"] == str(exc)
@@ -156,7 +158,7 @@ def test_input_problem_without_a_field_has_no_field_member() -> None:
     }
 
 
-@pytest.mark.parametrize(("exc", "status", "slug"), MAPPING[2:])
+@pytest.mark.parametrize(("exc", "status", "slug"), MAPPING[3:])
 def test_other_problems_leak_nothing(exc: BaseException, status: int, slug: str) -> None:
     raw = bytes(problem_for_exception(exc).body)
     for word in (str(exc), type(exc).__name__, "secret", "redis", "token", "tenant", "hash"):
@@ -173,6 +175,23 @@ def test_unknown_and_foreign_runs_answer_byte_for_byte_alike() -> None:
     foreign = problem_for_exception(RunNotFound("p:s:0 belongs to tenant t1"))
     assert bytes(unknown.body) == bytes(foreign.body)
     assert unknown.raw_headers == foreign.raw_headers
+
+
+def test_request_timeout_closes_the_connection() -> None:
+    # RFC 9110 §15.5.9: the server gave up waiting, so it says so; a keep-alive server would
+    # otherwise go on reading the trickled body after the answer.
+    response = problem_for_exception(RequestTimeout("the body did not arrive within 10 s"))
+    assert response.status_code == 408
+    assert response.headers["connection"] == "close"
+    assert "retry-after" not in response.headers
+    assert document(response) == {
+        "type": BASE + "request-timeout",
+        "title": "Request Timeout",
+        "status": 408,
+        "detail": "the body did not arrive within 10 s",
+    }
+    # Still an InvalidTurnInput: code that catches those catches this one too.
+    assert isinstance(RequestTimeout("x"), InvalidTurnInput)
 
 
 def test_store_unavailable_retry_after() -> None:

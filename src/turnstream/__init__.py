@@ -15,6 +15,7 @@ from ._exceptions import (
     LeaseLost,
     OwnerLost,
     PayloadTooLarge,
+    RequestTimeout,
     RunFinished,
     RunNotFound,
     StoreError,
@@ -24,6 +25,7 @@ from ._exceptions import (
 )
 from ._framing import StreamFormat
 from ._handler import ChatTurnResult, handle_chat_turn
+from ._health import ReadinessCheck, readiness
 from ._hooks import Limits, TurnCompletion, TurnContext, TurnHooks
 from ._identity import TurnIdentity, canonical_input_hash, derive_execution_id, parse_execution_id
 from ._middleware import Principal, TurnstreamMiddleware
@@ -51,8 +53,10 @@ __all__ = [
     "PayloadTooLarge",
     "Principal",
     "ProblemResponse",
+    "ReadinessCheck",
     "ReconnectAdapter",
     "RedisStore",
+    "RequestTimeout",
     "RunFinished",
     "RunHandle",
     "RunKey",
@@ -81,6 +85,7 @@ __all__ = [
     "parse_execution_id",
     "problem_for_exception",
     "read_json_body",
+    "readiness",
 ]
 
 

@@ -2,7 +2,8 @@
 
     TurnstreamError
     ├── InvalidTurnInput        (bad identity, body or cursor: a 400 before the stream starts)
-    │   └── PayloadTooLarge     (body, message or event over a configured limit: 413)
+    │   ├── PayloadTooLarge     (body, message or event over a configured limit: 413)
+    │   └── RequestTimeout      (the body did not arrive within ``body_timeout_s``: 408)
     ├── TurnInputMismatch       (same execution id, different input: 409)
     ├── RunNotFound             (no such run for this tenant: 404)
     ├── StoreError              (the store failed; redis-py errors are translated here)
@@ -24,6 +25,7 @@ __all__ = [
     "LeaseLost",
     "OwnerLost",
     "PayloadTooLarge",
+    "RequestTimeout",
     "RunFinished",
     "RunNotFound",
     "StoreError",
@@ -50,6 +52,14 @@ class InvalidTurnInput(TurnstreamError, ValueError):
 
 class PayloadTooLarge(InvalidTurnInput):
     """A body, message or event is over its configured limit."""
+
+
+class RequestTimeout(InvalidTurnInput):
+    """The request body did not arrive whole within ``Limits.body_timeout_s``.
+
+    An :class:`InvalidTurnInput` because, like a malformed body, it is the client's request
+    that cannot be used; the answer is a 408 that closes the connection.
+    """
 
 
 class TurnInputMismatch(TurnstreamError):

@@ -72,6 +72,7 @@ MAX_CURSOR: Final = 2**53 - 1  # a seq stays exact through JSON in every languag
 # let Unicode digits ("٣") through.
 _CURSOR = re.compile(r"0|[1-9][0-9]*")
 _CURSOR_MAX_DIGITS: Final = len(str(MAX_CURSOR))
+_OWS: Final = " \t"
 
 _NAME_ESCAPES: Final = {"%": "%25", "\r": "%0D", "\n": "%0A"}
 _NAME_UNSAFE = re.compile(r"[%\r\n]")
@@ -360,6 +361,12 @@ def _accept_weights(accept: str) -> dict[str, float]:
 
 
 def _parse_one_cursor(value: str | None, field: str) -> int:
+    """One cursor, whichever source it came from: the one validation of ``parse_cursor``."""
+    if value is None:
+        return 0
+    # SP and HTAB only (RFC 9110's OWS), not str.strip(): a newline, a vertical tab or a
+    # Unicode space around the digits is junk, not optional whitespace.
+    value = value.strip(_OWS)
     if not value:
         return 0
     # The length check comes first so a megabyte of digits is refused without building a
@@ -378,10 +385,20 @@ def _parse_one_cursor(value: str | None, field: str) -> int:
 def parse_cursor(after_param: str | None, last_event_id: str | None) -> int:
     """The resume cursor: the client already holds every event with ``seq <= cursor``.
 
-    From ``?after=`` and the ``Last-Event-ID`` header. Each is strict on its own: ASCII digits
-    only, no sign, no whitespace, no leading zero (but ``"0"``), at most ``2**53 - 1``; absent or
+    From ``?after=`` and the ``Last-Event-ID`` header, each checked by the same rule: ASCII
+    digits only, no sign, no leading zero (but ``"0"``), at most ``2**53 - 1``; absent or
     empty means 0. A malformed one is an :class:`InvalidTurnInput` naming its field, even when
     the other one is fine.
+
+    Surrounding spaces and tabs are allowed, and stripped, in both. For a header that is
+    what HTTP says (RFC 9110 §5.5: optional whitespace around a field value is not part of
+    it), but servers differ in how much of it they remove before the app sees the value: h11
+    strips both sides, httptools (llhttp) only the leading side, so ``Last-Event-ID: 3 `` (a
+    legal header) reaches the app as ``"3"`` or ``"3 "`` depending on the server. Refusing
+    whitespace here would make one request a 200 on one server and a 400 on another; allowing
+    it in the header only would make ``?after=%203`` a 400 where ``Last-Event-ID: 3`` is
+    not. So one rule for both sources: spaces and tabs around the number are ignored,
+    anything else (inside the number, or other whitespace such as a newline) is refused.
 
     When both are given, the larger wins. Both say "I hold everything up to here", so the
     larger is the client's newest knowledge and resuming after it is still gap-free. Demanding

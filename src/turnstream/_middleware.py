@@ -1,7 +1,7 @@
 """Pure ASGI middleware: starts/stops the supervisor on lifespan and serves the turn routes.
 
     GET  {prefix}/{execution_id}/stream   resume or replay from Last-Event-ID / ?after=
-    POST {prefix}/{execution_id}/cancel   idempotent cancel (JSON POST only), 202
+    POST {prefix}/{execution_id}/cancel   idempotent cancel (a JSON object body), 202
     GET  {prefix}/{execution_id}          the run record as JSON
 
 Everything else passes through untouched.
@@ -20,11 +20,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._exceptions import RunNotFound, TurnstreamError
+from ._exceptions import InvalidTurnInput, RunNotFound, TurnstreamError
 from ._framing import negotiate_format, parse_cursor
 from ._handler import stream_run
 from ._identity import parse_execution_id
 from ._problems import ProblemResponse, problem_for_exception
+from ._requests import read_json_body
 from ._store import RunKey, RunRecord
 from ._supervisor import Supervisor
 
@@ -237,6 +238,17 @@ class TurnstreamMiddleware:
                         415,
                         "Unsupported Media Type",
                         "cancel takes a JSON POST (Content-Type: application/json)",
+                    )
+                # Read (bounded in size and time) and judged before the store is asked, like any
+                # other body: an empty or non-object body is a client bug worth a 400, not a
+                # silent 202. Members are ignored, so a client may send more than `{}`.
+                limits = self.supervisor.limits
+                body = await read_json_body(
+                    request, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s
+                )
+                if not isinstance(body, dict):
+                    raise InvalidTurnInput(
+                        "the cancel body must be a JSON object, e.g. {}", field="body"
                     )
                 await self.supervisor.ensure_started()
                 run = await self._visible_run(key, principal)

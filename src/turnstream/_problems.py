@@ -15,6 +15,7 @@ from starlette.responses import Response
 from ._exceptions import (
     InvalidTurnInput,
     PayloadTooLarge,
+    RequestTimeout,
     RunNotFound,
     StoreUnavailable,
     TurnInputMismatch,
@@ -105,6 +106,7 @@ def problem_for_exception(
     exception            status detail
     ==================== ====== =====================================================
     PayloadTooLarge      413    the message (written for the client), ``field``
+    RequestTimeout       408    the message, ``field``, with ``Connection: close``
     InvalidTurnInput     400    the message (written for the client), ``field``
     TurnInputMismatch    409    fixed
     RunNotFound          404    fixed: an unknown run and another tenant's run answer
@@ -115,10 +117,16 @@ def problem_for_exception(
 
     Logging a 500's cause is the caller's job: it knows the request.
     """
-    # PayloadTooLarge is an InvalidTurnInput and StoreUnavailable a StoreError: the more
-    # specific class is tested first.
+    # PayloadTooLarge and RequestTimeout are InvalidTurnInputs and StoreUnavailable a
+    # StoreError: the more specific class is tested first.
     if isinstance(exc, PayloadTooLarge):
         return _input_problem(exc, 413, "Payload too large", "payload-too-large")
+    if isinstance(exc, RequestTimeout):
+        # RFC 9110 §15.5.9: a 408 means the server will not wait any longer, so it says
+        # `close`; without it a keep-alive server would go on reading the trickled body.
+        return _input_problem(
+            exc, 408, "Request Timeout", "request-timeout", headers={"Connection": "close"}
+        )
     if isinstance(exc, InvalidTurnInput):
         return _input_problem(exc, 400, "Invalid turn input", "invalid-input")
     if isinstance(exc, TurnInputMismatch):
@@ -154,8 +162,17 @@ def problem_for_exception(
     )
 
 
-def _input_problem(exc: InvalidTurnInput, status: int, title: str, slug: str) -> ProblemResponse:
+def _input_problem(
+    exc: InvalidTurnInput,
+    status: int,
+    title: str,
+    slug: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+) -> ProblemResponse:
     extensions: dict[str, Any] = {}
     if exc.field is not None:
         extensions["field"] = exc.field
-    return ProblemResponse(status, title, str(exc), type=_problem_type(slug), **extensions)
+    return ProblemResponse(
+        status, title, str(exc), type=_problem_type(slug), headers=headers, **extensions
+    )

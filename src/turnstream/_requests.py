@@ -1,21 +1,32 @@
-"""Reading a chat-turn request body strictly: size limits first, then shape."""
+"""Reading a chat-turn request body strictly: size and time limits first, then shape."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
+import anyio
 import orjson
 from starlette.requests import ClientDisconnect, Request
 
-from ._exceptions import InvalidTurnInput, PayloadTooLarge
+from ._exceptions import InvalidTurnInput, PayloadTooLarge, RequestTimeout
 from ._hooks import Limits
 
 __all__ = ["ChatTurnRequest", "decode_json_body", "read_json_body"]
 
+_DEFAULT_BODY_TIMEOUT_S: Final = Limits().body_timeout_s
 
-async def read_json_body(request: Request, *, max_bytes: int) -> Any:
-    """The request's JSON body, read incrementally so an oversized body is refused early."""
+
+async def read_json_body(
+    request: Request, *, max_bytes: int, timeout_s: float | None = _DEFAULT_BODY_TIMEOUT_S
+) -> Any:
+    """The request's JSON body, read incrementally so an oversized body is refused early.
+
+    The whole body must arrive within ``timeout_s`` of the call (``None``: no deadline), else
+    :class:`RequestTimeout` (a 408): a client trickling its body byte by byte would otherwise
+    hold the request, and its connection, for as long as it likes. The deadline bounds the
+    whole body, not each chunk, because a per-chunk timeout is beaten by one byte a second.
+    """
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isascii() or not declared.isdigit():
@@ -28,14 +39,17 @@ async def read_json_body(request: Request, *, max_bytes: int) -> Any:
     _check_json_content_type(request.headers.get("content-type"))
     chunks: list[bytes] = []
     size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise PayloadTooLarge(f"the body is over {max_bytes} bytes", field="body")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise InvalidTurnInput("the client left before sending the whole body") from None
+    with anyio.move_on_after(timeout_s) as deadline:
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise PayloadTooLarge(f"the body is over {max_bytes} bytes", field="body")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise InvalidTurnInput("the client left before sending the whole body") from None
+    if deadline.cancelled_caught:
+        raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s", field="body")
     return _loads(b"".join(chunks))
 
 
@@ -102,5 +116,7 @@ class ChatTurnRequest:
     @classmethod
     async def read(cls, request: Request, *, limits: Limits | None = None) -> ChatTurnRequest:
         limits = limits or Limits()
-        body = await read_json_body(request, max_bytes=limits.max_body_bytes)
+        body = await read_json_body(
+            request, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s
+        )
         return cls.from_json(body, limits=limits)

@@ -75,6 +75,13 @@ def chat_turn_request(request: Any, *, limits: Limits | None = None) -> ChatTurn
 
     Raises :class:`~turnstream.InvalidTurnInput` (400) or :class:`~turnstream.PayloadTooLarge`
     (413); answer them with :func:`django_problem`.
+
+    ``limits.body_timeout_s`` does not apply here, and cannot: Django's ``ASGIHandler`` reads
+    the whole body (with no deadline of its own) before it calls the view, so by the time
+    this runs the body has arrived, however slowly. Bound it in front of Django (a proxy's
+    body timeout, e.g. nginx's ``client_body_timeout``). The turn routes of
+    :class:`~turnstream.TurnstreamMiddleware` (cancel's body) are read by turnstream before
+    Django sees the request, and are bounded.
     """
     from django.core.exceptions import RequestDataTooBig
 

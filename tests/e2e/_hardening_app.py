@@ -8,8 +8,8 @@ hundred kilobytes rather than after the megabytes Linux's loopback autotuning wo
 
 Settings come from the environment (the test sets them before starting the server):
 ``TS_TOKENS``, ``TS_TOKEN_DELAY_MS``, ``TS_SEND_TIMEOUT_S``, ``TS_MAX_BODY_BYTES``,
-``TS_MAX_MESSAGE_CHARS``, ``TS_MAX_EVENTS``. ``GET /debug/readers`` answers
-``{"open": n, "closed": m}``: how many readers (one per streaming response) are running now
+``TS_MAX_MESSAGE_CHARS``, ``TS_MAX_EVENTS``, ``TS_BODY_TIMEOUT_S``. ``GET /debug/readers``
+answers ``{"open": n, "closed": m}``: how many readers (one per streaming response) are running now
 and how many have ended, so a test can see a reader stop after its client left.
 
 ``GET /debug/send-probe`` streams a chunk every 10 ms for up to 5 s, watching for
@@ -53,6 +53,7 @@ def _limits() -> Limits:
         max_body_bytes=int(env.get("TS_MAX_BODY_BYTES", defaults.max_body_bytes)),
         max_message_chars=int(env.get("TS_MAX_MESSAGE_CHARS", defaults.max_message_chars)),
         max_events_per_turn=int(env.get("TS_MAX_EVENTS", defaults.max_events_per_turn)),
+        body_timeout_s=float(env.get("TS_BODY_TIMEOUT_S", defaults.body_timeout_s)),
     )
 
 

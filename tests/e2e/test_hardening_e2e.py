@@ -1,5 +1,6 @@
 """Hardening on real uvicorn (h11 and httptools): clients that leave, clients that stop
-reading, junk cursors and the size limits (DESIGN §3 invariant 9, §5).
+reading, clients that trickle their body, junk cursors and the size limits (DESIGN §3
+invariant 9, §5).
 
 The server is the demo with test-chosen limits and a gauge of open readers
 (``tests/e2e/_hardening_app.py``).
@@ -33,6 +34,7 @@ SEND_TIMEOUT_S = 1.0
 TOKENS = 1500
 TOKEN_DELAY_MS = 1
 LONG_TOKENS = 5000
+BODY_TIMEOUT_S = 0.5
 HTTP_IMPLEMENTATIONS = ["h11", "httptools"]
 
 
@@ -73,6 +75,17 @@ def long_turn_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
         TS_TOKEN_DELAY_MS=str(TOKEN_DELAY_MS),
         TS_SEND_TIMEOUT_S=str(SEND_TIMEOUT_S),
         TS_MAX_EVENTS="100000",
+    ) as running_server:
+        yield running_server
+
+
+@pytest.fixture(scope="module", params=HTTP_IMPLEMENTATIONS)
+def deadline_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    with hardening_server(
+        request.param,
+        TS_TOKENS="3",
+        TS_TOKEN_DELAY_MS="0",
+        TS_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S),
     ) as running_server:
         yield running_server
 
@@ -229,7 +242,127 @@ def test_a_client_that_stops_reading_is_dropped_after_the_send_timeout(
         assert_completes(client, execution_id, "hold on to this one", LONG_TOKENS)
 
 
+# -- (b2) a client that trickles its body ------------------------------------------------------
+
+
+def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize(
+    "path", ["/chat", "/api/chat", turn_url("demo:nobody:0", "/cancel")], ids=str
+)
+def test_a_trickled_body_is_a_408_and_the_connection_is_closed(
+    deadline_server: ServerProcess, path: str
+) -> None:
+    # A slowloris client: headers at once, then the body one byte every 50 ms, forever. The
+    # route gives up after body_timeout_s, answers 408 with `Connection: close`, and the
+    # server closes the connection, though the client keeps on sending.
+    declared = 10_000  # never reached: 50 ms a byte would take over eight minutes
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{deadline_server.port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {declared}\r\n\r\n{{"
+    ).encode()
+    received = bytearray()
+    sent = 1
+    closed = False
+    with socket.create_connection(("127.0.0.1", deadline_server.port), timeout=5) as sock:
+        sock.settimeout(0.05)
+        sock.sendall(head)
+        started = time.monotonic()
+        answered_after: float | None = None
+        while time.monotonic() - started < 6:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                chunk = None
+            except ConnectionResetError:
+                closed = True
+                break
+            if chunk == b"":
+                closed = True
+                break
+            if chunk:
+                received += chunk
+                if answered_after is None:
+                    answered_after = time.monotonic() - started
+            try:
+                sock.sendall(b" ")
+                sent += 1
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+        closed_after = time.monotonic() - started
+    assert received, "no answer"
+    status_code, headers, body = split_response(bytes(received))
+    assert status_code == 408, received
+    assert headers["content-type"] == "application/problem+json"
+    assert headers["connection"] == "close"
+    document = orjson.loads(body)
+    assert document["status"] == 408
+    assert document["type"] == "https://turnstream.dev/problems/request-timeout"
+    assert document["field"] == "body"
+    assert answered_after is not None
+    assert BODY_TIMEOUT_S * 0.9 <= answered_after < BODY_TIMEOUT_S + 2.5, answered_after
+    # Not held: the server closed it soon after the answer, while bytes still came in.
+    assert closed, f"the connection was still open after {closed_after:.1f} s"
+    assert closed_after - answered_after < 2.0, (answered_after, closed_after)
+    assert sent < declared
+
+
+def test_the_server_still_serves_after_trickled_bodies(deadline_server: ServerProcess) -> None:
+    with httpx.Client(base_url=deadline_server.base_url, timeout=10) as client:
+        response = client.post("/chat", json=chat_body(new_session()))
+        assert response.status_code == 200
+        assert orjson.loads(response.content.splitlines()[-1])["type"] == "session.run.completed"
+
+
 # -- (c) cursor validation ---------------------------------------------------------------------
+
+
+def raw_status(port: int, request_head: bytes) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request_head)
+        received = bytearray()
+        while chunk := sock.recv(65536):
+            received += chunk
+    return split_response(bytes(received))[0]
+
+
+@pytest.mark.parametrize(
+    ("header", "query", "status_code"),
+    [
+        (b"3", "3", 204),
+        # Optional whitespace: h11 strips both sides of a header value, httptools only the
+        # leading one; the parser ignores SP/HTAB around the number, so both servers, and the
+        # query, give one answer.
+        (b"  3 \t", "%20%203%20%09", 204),
+        (b"\t3\t", "%093%09", 204),
+        (b"1 2", "1%202", 400),
+        (b"3\x0b", "3%0B", 400),
+    ],
+)
+def test_cursor_whitespace_is_one_rule_on_every_server(
+    server: ServerProcess, header: bytes, query: str, status_code: int
+) -> None:
+    path = turn_url("demo:nobody:0", "/stream")  # unknown: a valid cursor is a 204
+    host = f"Host: 127.0.0.1:{server.port}\r\n".encode()
+    by_header = (
+        f"GET {path} HTTP/1.1\r\n".encode() + host
+        + b"Last-Event-ID:" + header + b"\r\nConnection: close\r\n\r\n"
+    )
+    by_query = f"GET {path}?after={query} HTTP/1.1\r\n".encode() + host + (
+        b"Connection: close\r\n\r\n"
+    )
+    assert raw_status(server.port, by_header) == status_code
+    assert raw_status(server.port, by_query) == status_code
+
 
 JUNK_CURSORS = [b"abc", b"-1", b"1.5", b"01", b"0x1", b"9" * 17, b"\xd9\xa3", b"1,2", b"1 2"]
 

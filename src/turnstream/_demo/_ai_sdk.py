@@ -89,7 +89,9 @@ class AiSdkChatRequest:
     @classmethod
     async def read(cls, request: Request, *, limits: Limits | None = None) -> AiSdkChatRequest:
         limits = limits or Limits()
-        body = await read_json_body(request, max_bytes=limits.max_body_bytes)
+        body = await read_json_body(
+            request, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s
+        )
         return cls.from_json(body, limits=limits)
 
 

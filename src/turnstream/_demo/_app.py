@@ -5,7 +5,8 @@ through an ``OrchestratorAdapter`` instead: any worker re-attaches to a run that
 owner, and the substrate's ``GET /agents/runs`` counts the runs it started.
 
     GET  /                          the chat page (page.html, no build step, no external assets)
-    GET  /healthz                   200 when the store answers, else a 503 problem document
+    GET  /healthz                   readiness: 200 when the supervisor runs and the store
+                                    answers, else a 503 problem document (``readiness``)
     POST /chat                      {"sessionId", "turnIndex", "message"} → the turn's stream
     POST /api/chat, GET /api/chat/{id}/stream   the AI SDK transport's routes (_ai_sdk.py)
     GET  /debug/producer-calls      how often the fake model started in this process
@@ -14,6 +15,10 @@ owner, and the substrate's ``GET /agents/runs`` counts the runs it started.
 Tenant and user come from the ``X-Demo-Tenant`` / ``X-Demo-User`` headers (defaults ``demo``
 and ``guest``): the demo's stand-in for real auth, used alike by the chat route and by the
 middleware's ``authorize``.
+
+The demo starts while its store is down (it logs a warning): turn requests answer 503
+problem documents with ``Retry-After`` until the store is back, then work without a restart.
+A worker that refused to start would crash-loop through every store outage instead.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.resources
+import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Final
@@ -35,6 +41,7 @@ from starlette.routing import Route
 
 from .._exceptions import InvalidTurnInput, StoreError, TurnstreamError
 from .._handler import handle_chat_turn
+from .._health import DEFAULT_READINESS_TIMEOUT_S, readiness
 from .._hooks import Limits, TurnContext
 from .._identity import TurnIdentity
 from .._middleware import Principal, TurnstreamMiddleware
@@ -49,6 +56,8 @@ if TYPE_CHECKING:
     from ..adapters.orchestrator import OrchestratorAdapter
 
 __all__ = ["PROJECT_ID", "ProducerCalls", "create_demo_app", "fake_reply"]
+
+logger = logging.getLogger("turnstream.demo")
 
 PROJECT_ID: Final = "demo"
 DEFAULT_TENANT: Final = "demo"
@@ -153,6 +162,23 @@ _PAGE_HEADERS: Final = {
 }
 
 
+async def _warn_if_unreachable(store: TurnStore) -> None:
+    """Tell the operator at startup that the store is down, and start anyway.
+
+    Bounded like a readiness probe: a black-holed Redis host must not hold the startup for
+    the client's connect timeout times its retries.
+    """
+    try:
+        with anyio.fail_after(DEFAULT_READINESS_TIMEOUT_S * 4):
+            await store.ping()
+    except (TimeoutError, StoreError) as exc:
+        logger.warning(
+            "the turn store is unreachable (%s); serving anyway: turn requests answer 503 "
+            "until it is back, and /healthz says when it is",
+            str(exc) or "no answer to a ping",
+        )
+
+
 def create_demo_app(
     *,
     store: TurnStore | None = None,
@@ -166,7 +192,8 @@ def create_demo_app(
     """The demo as a Starlette app, with :class:`TurnstreamMiddleware` in its stack.
 
     The store is ``store`` when given (the caller closes it), else a ``RedisStore`` for
-    ``redis_url`` (closed on shutdown), else a fresh ``MemoryStore``. Each reply has
+    ``redis_url`` (closed on shutdown; an unreachable one is a warning at startup and 503s
+    until it answers, not a failed start), else a fresh ``MemoryStore``. Each reply has
     ``tokens`` words, one ``text-delta`` every ``token_delay_ms``. With ``substrate_url`` the
     turns go to the reference substrate at that URL instead (closed on shutdown), whose own
     ``--tokens`` and ``--token-delay-ms`` then apply; the fake model is not used.
@@ -216,13 +243,6 @@ def create_demo_app(
     async def index(request: Request) -> Response:
         return Response(page, media_type="text/html; charset=utf-8", headers=_PAGE_HEADERS)
 
-    async def healthz(request: Request) -> Response:
-        try:
-            await turn_store.ping()
-        except StoreError as exc:
-            return problem_for_exception(exc)
-        return _json({"status": "ok"})
-
     async def chat(request: Request) -> Response:
         try:
             principal = demo_principal(request)
@@ -264,11 +284,11 @@ def create_demo_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # The middleware has started the supervisor by now and stops it before this resumes
-        # on shutdown, so the store outlives every pump.
+        # The middleware has started the supervisor by now (it needs no store round trip)
+        # and stops it before this resumes on shutdown, so the store outlives every pump.
         try:
             if owns_store:
-                await turn_store.ping()  # a wrong --redis URL fails the start, not a turn
+                await _warn_if_unreachable(turn_store)
             yield
         finally:
             if owns_store:
@@ -279,7 +299,7 @@ def create_demo_app(
     app = Starlette(
         routes=[
             Route("/", index, methods=["GET"]),
-            Route("/healthz", healthz, methods=["GET"]),
+            Route("/healthz", readiness(supervisor), methods=["GET", "HEAD"]),
             Route("/chat", chat, methods=["POST"]),
             Route("/debug/producer-calls", producer_calls, methods=["GET"]),
             *ai_sdk_routes(
