@@ -40,7 +40,7 @@ async def started_run(substrate: SteppedSubstrate) -> SteppedRun:
     return substrate.runs[KEY.execution_id]
 
 
-async def test_adapter_turn_logs_substrate_ids_verbatim_and_persists_the_handle() -> None:
+async def test_adapter_turn_logs_substrate_ids_scoped_by_attempt_and_persists_the_handle() -> None:
     store, substrate = MemoryStore(), SteppedSubstrate()
     adapter = SteppedAdapter(substrate)
     async with Supervisor(store, lease_ms=2000) as sup:
@@ -50,7 +50,9 @@ async def test_adapter_turn_logs_substrate_ids_verbatim_and_persists_the_handle(
         run.say("Hello ", "world")
         run.end()
         events = ndjson(await collect(result))
-    assert [e["eventId"] for e in events] == ["ts:started", "e0", "e1", "e2", "ts:terminal"]
+    # The substrate's own id, behind its attempt: "1/e0" can never meet the id an event of
+    # another attempt or namespace gets.
+    assert [e["eventId"] for e in events] == ["ts:started", "1/e0", "1/e1", "1/e2", "ts:terminal"]
     assert events[-1]["finalText"] == "Hello world" == run.text
     record = await store.get_run(KEY)
     assert record is not None
@@ -232,5 +234,5 @@ async def test_takeover_before_a_handle_was_logged_restarts_with_scoped_ids() ->
         events = ndjson(await collect(again))
         a.shutdown_grace_s = 0
     assert [e["type"] for e in events][:2] == ["session.run.started", "session.run.restarted"]
-    assert [e["eventId"] for e in events][2:-1] == ["2.e0", "2.e1"]
+    assert [e["eventId"] for e in events][2:-1] == ["2/e0", "2/e1"]
     assert events[-1]["finalText"] == "fresh"

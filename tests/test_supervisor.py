@@ -165,6 +165,6 @@ async def test_a_renew_that_races_its_own_pumps_finish_is_quiet(
         )
         racing = SimpleNamespace(key=KEY, lease=begun.lease, finished=False, lost=False)
         with caplog.at_level(logging.WARNING, logger="turnstream.supervisor"):
-            await supervisor._renew(racing)  # type: ignore[arg-type]
+            await supervisor._renew_all([racing])  # type: ignore[list-item]
     assert not racing.lost
     assert caplog.records == []

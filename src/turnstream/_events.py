@@ -21,6 +21,8 @@ __all__ = [
     "COMPLETED",
     "ERROR",
     "FAILED",
+    "MAX_EVENT_ID_LENGTH",
+    "MAX_LOGGED_ID_LENGTH",
     "RESTARTED",
     "STARTED",
     "TERMINAL_TYPES",
@@ -38,7 +40,9 @@ ERROR: Final = "error"
 TEXT_DELTA: Final = "text-delta"
 TERMINAL_TYPES: Final = frozenset({COMPLETED, FAILED, CANCELLED})
 
-MAX_EVENT_ID_LENGTH: Final = 256
+MAX_EVENT_ID_LENGTH: Final = 256  # an id a producer or substrate gives
+# A logged id: a given one plus the attempt scope the pump puts in front (see _produce).
+MAX_LOGGED_ID_LENGTH: Final = MAX_EVENT_ID_LENGTH + 32
 DEFAULT_MAX_EVENT_BYTES: Final = 256 * 1024
 
 
@@ -62,9 +66,9 @@ class NewEvent:
         max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     ) -> NewEvent:
         """Validate and serialise one event; raise :class:`InvalidTurnInput` when it is not one."""
-        if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_EVENT_ID_LENGTH:
+        if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_LOGGED_ID_LENGTH:
             raise InvalidTurnInput(
-                f"eventId must be a non-empty string of at most {MAX_EVENT_ID_LENGTH} characters",
+                f"eventId must be a non-empty string of at most {MAX_LOGGED_ID_LENGTH} characters",
                 field="eventId",
             )
         if not isinstance(payload, Mapping):

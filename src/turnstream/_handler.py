@@ -247,9 +247,13 @@ async def handle_chat_turn(
         fmt = negotiate_format(format, accept)
         after = parse_cursor(None if cursor is None else str(cursor), last_event_id)
         if hooks is None:
-            hooks = TurnHooks(produce=produce)
-        elif produce is not None:
+            # The supervisor's hooks are every turn's defaults (persistence, tracing…), so
+            # that a turn recovered by another worker is treated like this one.
+            hooks = supervisor.hooks
+        if produce is not None:
             hooks = replace(hooks, produce=produce)
+        elif adapter is not None and hooks.produce is not None:
+            hooks = replace(hooks, produce=None)
         if (hooks.produce is None) == (adapter is None):
             raise TypeError(
                 "handle_chat_turn needs one source of events: produce= (or hooks.produce) "
@@ -275,7 +279,7 @@ async def handle_chat_turn(
             )
         elif result.outcome is BeginOutcome.TAKEOVER:
             found = supervisor.adapter_for(result.run.handle) if adapter is not None else None
-            if found is not None and found[0] is adapter:
+            if adapter is not None and found is not None and found[1].kind == adapter.kind:
                 # The substrate run goes on without us: re-attach after the last logged event.
                 mode = "resumed"
                 supervisor.start_pump(
@@ -284,7 +288,7 @@ async def handle_chat_turn(
                     input=input,
                     hooks=hooks,
                     mode="resume",
-                    adapter=adapter,
+                    adapter=adapter,  # this request's instance: it may be built per request
                     handle=found[1],
                 )
             else:

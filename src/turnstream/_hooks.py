@@ -92,3 +92,8 @@ class Limits:
     send_timeout_s: float = 30.0
     keepalive_s: float = 15.0
     producer_buffer: int = 1024  # events a producer may run ahead of the log
+    # ...and bytes: while the store is away the producer runs on until this bound.
+    producer_buffer_bytes: int = 4 * 1024 * 1024
+    # A deadline on receiving a whole request body: a body trickled in is a 408, not a
+    # connection held open for as long as the client likes.
+    body_timeout_s: float = 10.0

@@ -28,6 +28,8 @@ class LiveRun:
         self._events: list[LoggedEvent] = []
         self._changed = anyio.Event()
         self.closed = False
+        # Monotonic time since when the pump cannot reach the store (None: it can).
+        self.outage_since: float | None = None
 
     def covers(self, cursor: int) -> bool:
         """Whether every event after ``cursor`` that this pump logs is held here."""
@@ -43,6 +45,11 @@ class LiveRun:
         self._events.extend(events)
         self._wake()
 
+    def set_outage(self, failing: bool) -> None:
+        """The pump's store calls started (or stopped) failing: readers may want to say so."""
+        self.outage_since = anyio.current_time() if failing else None
+        self._wake()
+
     def close(self) -> None:
         """The pump stopped (finished, lost its lease or was abandoned)."""
         self.closed = True
@@ -53,8 +60,9 @@ class LiveRun:
         return self._events[start:]
 
     async def wait(self, cursor: int) -> None:
-        """Return once there is an event after ``cursor`` or the pump stopped."""
-        while not self.closed and self.last_seq <= cursor:
+        """Return once there is an event after ``cursor``, the pump stopped, or its store
+        outage state changed."""
+        if not self.closed and self.last_seq <= cursor:
             await self._changed.wait()
 
     def _wake(self) -> None:

@@ -1,70 +1,56 @@
 """The pump: the single writer of one run.
 
-It drains the producer into the log through the process-wide writer, publishes what the store
-acknowledged to local readers, and finishes the run (checkpoint + terminal event + release) in
-one atomic store call. Its lease is renewed by the supervisor's heartbeat; when the lease is
-lost the pump stops at once and writes nothing more.
+It drains the producer (or a reconnect adapter) into the log through the process-wide writer,
+publishes what the store acknowledged to local readers, and finishes the run (checkpoint +
+terminal event + release) in one atomic store call. Its lease is renewed by the supervisor's
+heartbeat; when the lease is lost the pump stops at once and writes nothing more.
+
+A store that stops answering does not end the turn: every write is idempotent (event ids
+dedup, ``finish`` answers a retry like the first call), so the pump retries it with backoff
+while the producer runs ahead into a bounded outbox. Only after ``store_retry_s`` without an
+answer does it give the turn up — and then it still ends it properly, with an in-band
+``store_unavailable`` error and a terminal event, as soon as the store answers again.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import anyio
 import orjson
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._adapter import (
-    ReconnectAdapter,
-    RunHandle,
-    StartRequest,
-    SubstrateCancelled,
-    SubstrateFailed,
-    SupervisedEvent,
-)
-from ._events import (
-    CANCELLED,
-    COMPLETED,
-    ERROR,
-    FAILED,
-    RESTARTED,
-    STARTED,
-    LoggedEvent,
-    NewEvent,
-)
-from ._exceptions import AdapterError, InvalidTurnInput, LeaseLost, PayloadTooLarge, StoreError
-from ._hooks import TurnCompletion, TurnContext, TurnHooks
+from ._adapter import ReconnectAdapter, RunHandle
+from ._events import CANCELLED, COMPLETED, ERROR, FAILED, RESTARTED, STARTED, LoggedEvent, NewEvent
+from ._exceptions import LeaseLost, StoreError
+from ._faults import fault_point
+from ._hooks import TurnCompletion, TurnHooks
 from ._identity import TurnIdentity
 from ._live import LiveRun
+from ._outbox import Outbox
+from ._produce import CANCELLED_CODE, Failure, Producing
 from ._store import Lease, RunKey, RunStatus
 
 if TYPE_CHECKING:
     from ._supervisor import Supervisor
 
-__all__ = ["Pump"]
+__all__ = ["Pump", "PumpMode"]
 
 logger = logging.getLogger("turnstream.pump")
 
-_FINISH_ATTEMPTS = 3
-_REATTACH_ATTEMPTS = 3  # consecutive re-attaches that make no progress before giving up
 _CANCEL_TIMEOUT_S = 5.0
+_BACKOFF_FIRST_S = 0.05
+_BACKOFF_MAX_S = 1.0
+_BACKOFF_MAX_FINISHING_S = 2.0
+_BATCH_BYTES = 1024 * 1024
 
-PumpMode = Literal["fresh", "restart", "resume"]
-_CANCELLED = "\0cancelled"  # a _Failure code no producer can send: the substrate cancelled
+# fresh: a new run; restart: a new attempt of a local producer; resume: re-attach to a
+# substrate; orphan: nothing can resume it (its owner died long ago), so only end it.
+PumpMode = Literal["fresh", "restart", "resume", "orphan"]
 
-
-class _TooManyEvents(Exception):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class _Failure:
-    code: str
-    message: str
-    retryable: bool = False
+T = TypeVar("T")
 
 
 class Pump:
@@ -94,16 +80,19 @@ class Pump:
         self.last_seq = last_seq
         self.mode = mode
         self.live = live
-        self.adapter = adapter
-        self.handle = handle
-        # The substrate's id of the last event seen: where a re-attach resumes.
-        self.source_cursor: str | None = None
+        self.producing = Producing(self, adapter=adapter, handle=handle)
         self.text = ""
         self.lost = False
         self.finished = False
         self._cancel_requested = anyio.Event()
         self._scope = anyio.CancelScope()
-        self._produced = 0
+        # Monotonic time of the first store failure of the current outage (None: none).
+        self._outage_since: float | None = None
+        self._abandoned = False  # a batch was given up on: it may have landed all the same
+
+    @property
+    def handle(self) -> RunHandle | None:
+        return self.producing.handle
 
     # -- control (called by the supervisor) ------------------------------------------------
 
@@ -129,54 +118,51 @@ class Pump:
             self.lost = True
             logger.warning("lease on %s was taken over; this pump stops", self.key.execution_id)
         except* Exception:
-            # Only a store outage gets here (producer errors are logged in-band): the run
-            # stays unfinished and its lease lapses, so the next request takes it over.
+            # A bug, or a store error outside the retried writes: the run stays unfinished
+            # and its lease lapses, so another worker (or the sweeper) takes it over.
             logger.exception("pump for %s stopped", self.key.execution_id)
         finally:
             self.live.close()
 
     async def _run(self) -> None:
-        store = self.supervisor.store
         execution_id = self.key.execution_id
         if self.last_seq > 0:
-            await self._scan_log()
+            # Taken over: fold the whole log, from its start.
+            self.last_seq = 0
+            await self._retrying(lambda: self._catch_up(publish=False), None)
         if self.mode == "restart":
-            self.attempt = await store.restart(self.key, self.lease)
+            self.attempt = await self._retrying(
+                lambda: self.supervisor.store.restart(self.key, self.lease), None
+            )
+            fault_point("pump.after_restart")
             self.text = ""
-            self.source_cursor = None
-            await self._log(
-                [
-                    self._lifecycle(
-                        f"ts:restarted:{self.attempt}",
-                        {"type": RESTARTED, "executionId": execution_id, "attempt": self.attempt},
-                    )
-                ]
-            )
+            self.producing.source_cursor = None
+            restarted = {"type": RESTARTED, "executionId": execution_id, "attempt": self.attempt}
+            await self._log([self._lifecycle(f"ts:restarted:{self.attempt}", restarted)], None)
         elif self.last_seq == 0:
-            await self._log(
-                [
-                    self._lifecycle(
-                        "ts:started",
-                        {"type": STARTED, "executionId": execution_id, "attempt": self.attempt},
-                    )
-                ]
-            )
+            started = {"type": STARTED, "executionId": execution_id, "attempt": self.attempt}
+            await self._log([self._lifecycle("ts:started", started)], None)
 
-        outcome = await self._drain()
-        if isinstance(outcome, _Failure):
-            await self._log(
-                [
-                    self._lifecycle(
-                        f"ts:error:{self.attempt}",
-                        {
-                            "type": ERROR,
-                            "code": outcome.code,
-                            "message": outcome.message,
-                            "retryable": outcome.retryable,
-                        },
-                    )
-                ]
-            )
+        outcome: Failure | str
+        if self.mode == "orphan":
+            outcome = Failure("owner_lost", "the worker running this turn stopped", True)
+        else:
+            outcome = await self._drain()
+        if isinstance(outcome, Failure) and outcome.code == CANCELLED_CODE:
+            outcome = "cancelled"
+        # From here on the turn only has to end, so the store is waited for without limit:
+        # first whatever an abandoned batch may have logged after all (the fold must cover
+        # the whole log), then the error and the terminal event.
+        if self._abandoned:
+            await self._retrying(lambda: self._catch_up(publish=True), None)
+        if isinstance(outcome, Failure):
+            error = {
+                "type": ERROR,
+                "code": outcome.code,
+                "message": outcome.message,
+                "retryable": outcome.retryable,
+            }
+            await self._log([self._lifecycle(f"ts:error:{self.attempt}", error)], None)
             status, terminal_type = RunStatus.FAILED, FAILED
         elif outcome == "cancelled":
             status, terminal_type = RunStatus.CANCELLED, CANCELLED
@@ -192,62 +178,165 @@ class Pump:
                 "finalText": self.text,
             },
         )
-        seq = await self._finish(status, terminal)
+        fault_point("pump.before_finish")
+        persist = self.hooks.persist_assistant_message is not None
+        seq = await self._retrying(
+            lambda: self.supervisor.store.finish(
+                self.key,
+                self.lease,
+                status=status,
+                terminal=terminal,
+                final_text=self.text,
+                persist_after_ms=self.supervisor.persist_after_ms if persist else None,
+            ),
+            None,
+        )
+        fault_point("pump.after_finish")
         self.finished = True
         self.last_seq = seq
         logged = LoggedEvent(seq, terminal.event_id, terminal.type, terminal.data)
         self.live.publish([logged])
         await self._on_event(logged)
-        self.supervisor.spawn_post_hooks(self._completion(status), self.hooks)
+        self.supervisor.spawn_post_hooks(self._completion(status), self.hooks, persist=persist)
 
-    async def _finish(self, status: RunStatus, terminal: NewEvent) -> int:
-        store = self.supervisor.store
-        for attempt in range(1, _FINISH_ATTEMPTS + 1):
-            try:
-                # Idempotent under the same lease, so a retry after a lost reply is safe.
-                return await store.finish(
-                    self.key, self.lease, status=status, terminal=terminal, final_text=self.text
-                )
-            except LeaseLost:
-                raise
-            except StoreError:
-                if attempt == _FINISH_ATTEMPTS:
-                    raise
-                await anyio.sleep(0.05 * 2**attempt)
-        raise AssertionError("unreachable")
+    # -- the store, retried ----------------------------------------------------------------
 
-    async def _scan_log(self) -> None:
-        """After a takeover: the fold must cover what earlier owners logged (DESIGN §3.8),
-        and a re-attach resumes after the last substrate event they logged."""
-        cursor = 0
+    async def _retrying(self, call: Callable[[], Awaitable[T]], give_up_s: float | None) -> T:
+        """``call()`` until it answers: every write of the pump is idempotent under its lease.
+
+        A :class:`StoreError` is retried with jittered backoff; ``give_up_s`` (None: never)
+        bounds the outage, counted from its first failure, after which the error is raised.
+        :class:`LeaseLost` is never retried: another writer owns the run.
+        """
+        delay = _BACKOFF_FIRST_S
+        cap = _BACKOFF_MAX_S if give_up_s is not None else _BACKOFF_MAX_FINISHING_S
         while True:
-            events = await self.supervisor.store.read(self.key, after=cursor, limit=1024)
+            try:
+                result = await call()
+            except StoreError as exc:
+                now = anyio.current_time()
+                if self._outage_since is None:
+                    self._outage_since = now
+                    self.live.set_outage(True)
+                    logger.warning(
+                        "the store failed under %s (%s); retrying", self.key.execution_id, exc
+                    )
+                if give_up_s is not None and now - self._outage_since >= give_up_s:
+                    raise
+                await anyio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, cap)
+                continue
+            if self._outage_since is not None:
+                logger.info(
+                    "the store answers again under %s after %.1f s",
+                    self.key.execution_id,
+                    anyio.current_time() - self._outage_since,
+                )
+                self._outage_since = None
+                self.live.set_outage(False)
+            return result
+
+    async def _catch_up(self, *, publish: bool) -> None:
+        """Fold (and publish) what the log holds after ``last_seq``.
+
+        After a takeover: what earlier owners logged (DESIGN §3.8), and where a re-attach
+        resumes. After an abandoned batch: whatever of it landed although no reply said so.
+        """
+        while True:
+            events = await self.supervisor.store.read(self.key, after=self.last_seq, limit=1024)
             if not events:
                 return
             for event in events:
                 self._fold(event)
-                cursor = event.seq
-                if event.type == RESTARTED:
-                    self.source_cursor = None
-                elif not event.event_id.startswith("ts:"):
-                    self.source_cursor = self._source_id(event.event_id)
+                self.last_seq = event.seq
+                self.producing.saw_logged(event)
+            if publish:
+                self.live.publish(events)
 
-    def _scoped_id(self, raw_id: str) -> str:
-        # A restarted attempt never dedups against the dead attempt's events.
-        return raw_id if self.attempt == 1 else f"{self.attempt}.{raw_id}"
+    async def _log(self, events: list[NewEvent], give_up_s: float | None) -> None:
+        if self.lost:
+            raise LeaseLost("lease lost")
+        fault_point("pump.before_append")
 
-    def _source_id(self, event_id: str) -> str:
-        prefix = f"{self.attempt}."
-        if self.attempt > 1 and event_id.startswith(prefix):
-            return event_id[len(prefix) :]
-        return event_id
+        async def append() -> list[int]:
+            # Shielded: once queued the events may land, and a pump that stopped waiting would
+            # lose track of seqs and text that are in the log (checkpoint = fold of the log).
+            with anyio.CancelScope(shield=True):
+                seqs = await self.supervisor.writer.append(self.key, self.lease, events)
+            return seqs
+
+        seqs = await self._retrying(append, give_up_s)
+        fault_point("pump.after_append")
+        fresh: list[LoggedEvent] = []
+        for event, seq in zip(events, seqs, strict=True):
+            if seq > self.last_seq:  # a deduplicated event was logged (and delivered) before
+                fresh.append(LoggedEvent(seq, event.event_id, event.type, event.data))
+                self.last_seq = seq
+        for logged in fresh:
+            self._fold(logged)
+        self.live.publish(fresh)
+        if self.hooks.on_event is not None:
+            for logged in fresh:
+                await self._on_event(logged)
+
+    # -- draining the producer -------------------------------------------------------------
+
+    async def _drain(self) -> Failure | str:
+        limits = self.supervisor.limits
+        outbox: Outbox[Failure] = Outbox(
+            max_bytes=limits.producer_buffer_bytes, max_events=limits.producer_buffer
+        )
+        outcome: Failure | str = "completed"
+        async with anyio.create_task_group() as tg:
+
+            async def watch_cancel() -> None:
+                nonlocal outcome
+                await self._cancel_requested.wait()
+                outcome = "cancelled"
+                tg.cancel_scope.cancel()
+
+            async def log_all() -> None:
+                nonlocal outcome
+                result = await self._log_from(outbox)
+                if result is not None:
+                    outcome = result
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch_cancel)
+            tg.start_soon(self.producing.run, outbox)
+            tg.start_soon(log_all)
+        return outcome
+
+    async def _log_from(self, outbox: Outbox[Failure]) -> Failure | None:
+        give_up_s = self.supervisor.store_retry_s
+        while True:
+            batch = await outbox.take(max_events=1024, max_bytes=_BATCH_BYTES)
+            if not batch:
+                return outbox.end
+            try:
+                await self._log(batch, give_up_s)
+            except StoreError:
+                self._abandoned = True
+                logger.error(
+                    "the store did not answer for %.0f s; ending %s as failed",
+                    give_up_s,
+                    self.key.execution_id,
+                )
+                return Failure(
+                    "store_unavailable",
+                    f"the turn's log could not be written for {give_up_s:g} s",
+                    True,
+                )
+
+    # -- helpers ---------------------------------------------------------------------------
 
     async def _cancel_substrate(self) -> None:
-        if self.adapter is None or self.handle is None:
+        adapter, handle = self.producing.adapter, self.producing.handle
+        if adapter is None or handle is None:
             return
         with anyio.move_on_after(_CANCEL_TIMEOUT_S, shield=True):
             try:
-                await self.adapter.cancel(self.handle)
+                await adapter.cancel(handle)
             except Exception:
                 logger.exception("adapter.cancel failed for %s", self.key.execution_id)
 
@@ -261,24 +350,6 @@ class Pump:
     def _lifecycle(self, event_id: str, payload: Mapping[str, Any]) -> NewEvent:
         return NewEvent.build(event_id, payload, max_bytes=2**31)
 
-    async def _log(self, events: list[NewEvent]) -> None:
-        if self.lost:
-            raise LeaseLost("lease lost")
-        # Shielded: once queued the events may land, and a pump that stopped waiting would
-        # lose track of seqs and text that are in the log (checkpoint = fold of the log).
-        with anyio.CancelScope(shield=True):
-            seqs = await self.supervisor.writer.append(self.key, self.lease, events)
-        fresh: list[LoggedEvent] = []
-        for event, seq in zip(events, seqs, strict=True):
-            if seq > self.last_seq:  # a deduplicated event was logged (and delivered) before
-                fresh.append(LoggedEvent(seq, event.event_id, event.type, event.data))
-                self.last_seq = seq
-        for logged in fresh:
-            self._fold(logged)
-        self.live.publish(fresh)
-        for logged in fresh:
-            await self._on_event(logged)
-
     async def _on_event(self, event: LoggedEvent) -> None:
         if self.hooks.on_event is None:
             return
@@ -286,182 +357,6 @@ class Pump:
             await self.hooks.on_event(event)
         except Exception:
             logger.exception("on_event hook failed for %s", self.key.execution_id)
-
-    # -- draining the producer -------------------------------------------------------------
-
-    async def _drain(self) -> _Failure | str:
-        limits = self.supervisor.limits
-        send, receive = anyio.create_memory_object_stream[NewEvent | _Failure](
-            limits.producer_buffer
-        )
-        outcome: _Failure | str = "completed"
-        async with anyio.create_task_group() as tg:
-
-            async def watch_cancel() -> None:
-                nonlocal outcome
-                await self._cancel_requested.wait()
-                outcome = "cancelled"
-                tg.cancel_scope.cancel()
-
-            async def log_all() -> None:
-                nonlocal outcome
-                result = await self._log_from(receive)
-                if result is not None:
-                    outcome = "cancelled" if result.code == _CANCELLED else result
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(watch_cancel)
-            tg.start_soon(self._produce, send)
-            tg.start_soon(log_all)
-        return outcome
-
-    async def _log_from(
-        self, receive: MemoryObjectReceiveStream[NewEvent | _Failure]
-    ) -> _Failure | None:
-        async with receive:
-            async for first in receive:
-                batch: list[NewEvent] = []
-                item: NewEvent | _Failure = first
-                while True:
-                    if isinstance(item, _Failure):
-                        if batch:
-                            await self._log(batch)
-                        return item
-                    batch.append(item)
-                    if len(batch) >= 1024:
-                        break
-                    try:
-                        item = receive.receive_nowait()
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                await self._log(batch)
-        return None
-
-    async def _produce(self, send: MemoryObjectSendStream[NewEvent | _Failure]) -> None:
-        async with send:
-            try:
-                if self.adapter is not None:
-                    await self._drive_adapter(self.adapter, send)
-                else:
-                    await self._drive_producer(send)
-            except PayloadTooLarge as exc:
-                await send.send(_Failure("event_too_large", str(exc)))
-            except InvalidTurnInput as exc:
-                await send.send(_Failure("invalid_event", str(exc)))
-            except _TooManyEvents as exc:
-                await send.send(_Failure("too_many_events", str(exc)))
-            except SubstrateCancelled:
-                # In the stream, after what was produced before it: the turn ends cancelled.
-                await send.send(_Failure(_CANCELLED, "the substrate cancelled the run"))
-            except SubstrateFailed as exc:
-                await send.send(_Failure(exc.code, str(exc), exc.retryable))
-            except LeaseLost:
-                raise
-            except Exception as exc:
-                logger.exception("producer failed for %s", self.key.execution_id)
-                await send.send(
-                    _Failure("producer_error", f"the producer failed: {type(exc).__name__}", True)
-                )
-
-    async def _drive_producer(self, send: MemoryObjectSendStream[NewEvent | _Failure]) -> None:
-        produce = self.hooks.produce
-        if produce is None:
-            await send.send(_Failure("no_producer", "this turn has no producer"))
-            return
-        context = TurnContext(
-            identity=self.identity,
-            execution_id=self.key.execution_id,
-            input=self.input,
-            attempt=self.attempt,
-        )
-        await self._forward(produce(context), send, scope_all=True)
-
-    async def _drive_adapter(
-        self, adapter: ReconnectAdapter, send: MemoryObjectSendStream[NewEvent | _Failure]
-    ) -> None:
-        failures = 0
-        while True:
-            if self.mode == "resume" or (self.handle is not None and self._produced > 0):
-                assert self.handle is not None
-                stream = adapter.attach(self.handle, self.source_cursor)
-            else:
-                stream = adapter.start(
-                    StartRequest(
-                        execution_id=self.key.execution_id,
-                        identity=self.identity,
-                        input=self.input,
-                        attempt=self.attempt,
-                    )
-                )
-            before = self._produced
-            try:
-                await self._forward(stream, send, scope_all=False)
-                return
-            except (SubstrateFailed, SubstrateCancelled, InvalidTurnInput, _TooManyEvents):
-                raise
-            except Exception as exc:
-                # A broken connection to the substrate is not a failed run: re-attach after
-                # the last event seen, as a takeover would.
-                failures = 0 if self._produced > before else failures + 1
-                if self.handle is None or failures >= _REATTACH_ATTEMPTS:
-                    raise AdapterError(f"the substrate stream broke: {exc!r}") from exc
-                logger.warning(
-                    "substrate stream of %s broke (%r); re-attaching after %s",
-                    self.key.execution_id,
-                    exc,
-                    self.source_cursor,
-                )
-                await anyio.sleep(0.05 * 2**failures)
-
-    async def _forward(
-        self,
-        stream: AsyncIterator[Any],
-        send: MemoryObjectSendStream[NewEvent | _Failure],
-        *,
-        scope_all: bool,
-    ) -> None:
-        limits = self.supervisor.limits
-        try:
-            async for item in stream:
-                self._produced += 1
-                if self._produced > limits.max_events_per_turn:
-                    raise _TooManyEvents(
-                        f"the turn produced more than {limits.max_events_per_turn} events"
-                    )
-                raw_id: str | None
-                if isinstance(item, SupervisedEvent):
-                    if item.handle is not None and self.handle is None:
-                        # Persisted before the event that carries it is logged: whoever takes
-                        # over after this event can re-attach.
-                        await self.supervisor.store.set_handle(
-                            self.key, self.lease, item.handle.to_json()
-                        )
-                        self.handle = item.handle
-                    raw_id, payload = item.event_id, item.payload
-                else:
-                    payload = item
-                    given = item.get("eventId") if isinstance(item, Mapping) else None
-                    raw_id = given if isinstance(given, str) else None
-                if scope_all:
-                    event_id = f"{self.attempt}.{raw_id or self._produced}"
-                elif raw_id and not raw_id.startswith("ts:"):
-                    event_id = self._scoped_id(raw_id)
-                else:
-                    raise InvalidTurnInput(
-                        "an adapter event needs an event id that does not start with 'ts:'",
-                        field="eventId",
-                    )
-                event = NewEvent.build(event_id, payload, max_bytes=limits.max_event_bytes)
-                if event.terminal:
-                    raise InvalidTurnInput(f"{event.type!r} is reserved for the pump", field="type")
-                if raw_id:
-                    self.source_cursor = raw_id
-                await send.send(event)
-        finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(_CANCEL_TIMEOUT_S):
-                    await aclose()
 
     def _completion(self, status: RunStatus) -> TurnCompletion:
         return TurnCompletion(

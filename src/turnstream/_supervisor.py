@@ -2,6 +2,9 @@
 
 Started by :class:`~turnstream.TurnstreamMiddleware` on lifespan (or lazily on first use for
 servers without lifespan); ``async with Supervisor(store) as supervisor:`` anywhere else.
+
+Nothing that goes wrong in one turn, one hook or one store call may end the supervisor: its
+background loops restart after an error, pumps and hooks contain their own.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -19,18 +22,14 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ._adapter import ReconnectAdapter, RunHandle
-from ._exceptions import (
-    InvalidTurnInput,
-    LeaseLost,
-    RunFinished,
-    StoreError,
-    StoreUnavailable,
-)
+from ._exceptions import InvalidTurnInput, LeaseLost, RunFinished, StoreError, StoreUnavailable
 from ._hooks import Limits, TurnCompletion, TurnHooks
-from ._identity import TurnIdentity, parse_execution_id
+from ._identity import TurnIdentity
 from ._live import LiveRun
+from ._posthooks import PostHooks
 from ._pump import Pump, PumpMode
-from ._store import BeginOutcome, BeginResult, Lease, RunKey, TurnStore
+from ._store import BeginResult, Lease, RenewRequest, RenewResult, RunKey, TurnStore
+from ._sweeper import Sweeper
 from ._writer import LogWriter
 from .stores._memory import MemoryStore
 
@@ -39,7 +38,8 @@ __all__ = ["Supervisor"]
 logger = logging.getLogger("turnstream.supervisor")
 
 DEFAULT_LEASE_MS = 10_000
-_PERSIST_ATTEMPTS = 3
+_LOOP_RESTART_S = 1.0
+_RENEW_RETRY_FIRST_S = 0.05
 
 
 def _default_worker_id() -> str:
@@ -50,12 +50,26 @@ class Supervisor:
     """Runs the pumps of this process and keeps their leases alive.
 
     * ``lease_ms`` — how long an owner may go silent before another worker takes its runs
-      over; the heartbeat renews every ``lease_ms / 3``.
-    * ``shutdown_grace_s`` — on shutdown, how long running turns may go on before their
-      leases are released for another worker to resume.
+      over; the heartbeat renews every ``heartbeat_ms`` (default ``lease_ms / 3``), and
+      retries within 50 ms to ``heartbeat_ms`` when the store did not answer.
+    * ``shutdown_grace_s`` — on shutdown, how long running turns and their post hooks may go
+      on before the leases of what still runs are released for another worker to resume.
     * ``adapters`` — the reconnect adapters this worker can re-attach with (by
-      ``RunHandle.kind``); with any, an orphan sweeper takes over lapsed reconnectable runs
-      every ``sweep_interval_ms``, and ``hooks`` are the post hooks of such recovered runs.
+      ``RunHandle.kind``): the sweeper re-attaches lapsed runs of those kinds.
+    * ``hooks`` — the default hooks of every turn (``handle_chat_turn`` without ``hooks=``),
+      and the hooks of runs this worker recovers without a request (sweeper, resume route):
+      set ``persist_assistant_message`` here so that a recovered turn is persisted too.
+    * ``store_retry_s`` — how long a pump retries a store that does not answer before it
+      gives the turn up (it then ends it, failed with ``store_unavailable``, once the store
+      answers again). An outage shorter than this loses nothing and calls the model once.
+    * ``outage_notice_s`` — how long a reader waits on a store that does not answer before it
+      tells its client in-band (``error`` with ``code: store_unavailable``) and ends.
+    * ``orphan_after_ms`` — a local turn (nothing can re-attach to it) whose owner died, and
+      that no request came back for within this long after its lease lapsed, is ended by the
+      sweeper: ``error`` ``owner_lost`` (retryable), then ``session.run.failed``.
+    * ``persist_after_ms`` — a finished turn whose ``persist_assistant_message`` has not
+      confirmed within this long is persisted by the sweeper of any worker.
+    * ``sweep_interval_ms`` — how often the sweeper looks (default ``lease_ms / 2``).
     """
 
     def __init__(
@@ -71,9 +85,17 @@ class Supervisor:
         adapters: Sequence[ReconnectAdapter] = (),
         hooks: TurnHooks | None = None,
         sweep_interval_ms: int | None = None,
+        store_retry_s: float = 30.0,
+        outage_notice_s: float = 5.0,
+        orphan_after_ms: int = 60_000,
+        persist_after_ms: int = 30_000,
     ) -> None:
         if lease_ms < 30:
             raise ValueError("lease_ms must be at least 30")
+        if store_retry_s < 0 or outage_notice_s <= 0:
+            raise ValueError("store_retry_s must not be negative, outage_notice_s positive")
+        if orphan_after_ms < 0 or persist_after_ms < 1:
+            raise ValueError("orphan_after_ms must not be negative, persist_after_ms positive")
         self.store: TurnStore = store if store is not None else MemoryStore()
         self.lease_ms = lease_ms
         self.heartbeat_ms = heartbeat_ms if heartbeat_ms is not None else max(lease_ms // 3, 10)
@@ -83,19 +105,25 @@ class Supervisor:
         # A reader blocked on the store re-checks the run twice a lease period, so it learns
         # of a dead owner about one lease period after the death.
         self.follow_block_ms = follow_block_ms or max(min(lease_ms // 2, 5_000), 10)
+        self.store_retry_s = store_retry_s
+        self.outage_notice_s = outage_notice_s
+        self.orphan_after_ms = orphan_after_ms
+        self.persist_after_ms = persist_after_ms
         self.writer = LogWriter(self.store)
         self._adapters: dict[str, ReconnectAdapter] = {}
         for adapter in adapters:
             self.register_adapter(adapter)
-        # Post hooks for runs this worker recovers without a request (the sweeper).
         self.hooks = hooks or TurnHooks()
         self.sweep_interval_ms = sweep_interval_ms or max(lease_ms // 2, 10)
+        self.post_hooks = PostHooks(self)
+        self._sweeper = Sweeper(self)
         self._pumps: dict[RunKey, Pump] = {}
         self._idle = anyio.Event()
         self._idle.set()
         self._tg: TaskGroup | None = None
         self._closing = False
-        self._serving: tuple[anyio.Event, anyio.Event] | None = None
+        self._stop: anyio.Event | None = None
+        self._done: anyio.Event | None = None
         self._serve_task: asyncio.Task[None] | None = None
         self._start_lock = anyio.Lock()
 
@@ -105,58 +133,59 @@ class Supervisor:
     def started(self) -> bool:
         return self._tg is not None
 
-    async def start(self) -> None:
-        """Start the writer, the heartbeat and the pumps' task group.
+    @property
+    def task_group(self) -> TaskGroup | None:
+        """Where pumps and post hooks run (None unless started)."""
+        return self._tg
 
-        On asyncio they run in a background task of their own, so :meth:`aclose` may be
-        awaited from any task (lifespan handlers and test fixtures often start and stop in
-        different tasks). On other event loops, start and close in the same task.
+    async def start(self) -> None:
+        """Start the writer, the heartbeat, the sweeper and the pumps' task group.
+
+        They run in a background task of their own, so :meth:`aclose` may be awaited from
+        any task (lifespan handlers and test fixtures often start and stop in different
+        tasks). Needs asyncio (every ASGI server runs on it). No store round trip: a worker
+        starts while its store is down and answers 503 until it is back.
         """
-        if self._tg is not None or self._serving is not None:
+        if self._serve_task is not None:
             raise RuntimeError("the supervisor is already started")
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            await self._enter()
-            return
-        ready, stop, done = anyio.Event(), anyio.Event(), anyio.Event()
-        failure: list[BaseException] = []
-
-        async def serve() -> None:
-            try:
-                await self._enter()
-            except BaseException as exc:
-                failure.append(exc)
-                ready.set()
-                done.set()
-                raise
-            ready.set()
-            try:
-                await stop.wait()
-                await self._shutdown()
-            finally:
-                done.set()
-
-        self._serving = (stop, done)
-        self._serve_task = loop.create_task(serve(), name=f"turnstream-supervisor-{self.worker_id}")
+            raise RuntimeError("the turnstream supervisor runs on asyncio") from None
+        ready, self._stop, self._done = anyio.Event(), anyio.Event(), anyio.Event()
+        task = loop.create_task(self._serve(ready), name=f"turnstream-supervisor-{self.worker_id}")
+        self._serve_task = task
         await ready.wait()
-        if failure:
-            self._serving = None
-            raise failure[0]
+        if self._tg is None:  # it failed to start: its exception says why
+            self._serve_task = None
+            await task
 
-    async def _enter(self) -> None:
+    async def _serve(self, ready: anyio.Event) -> None:
+        assert self._stop is not None and self._done is not None
         self._closing = False
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
         try:
-            await tg.start(self.writer.run)
-            tg.start_soon(self._heartbeat)
-            tg.start_soon(self._sweeper)
-        except BaseException:
-            tg.cancel_scope.cancel()
-            await tg.__aexit__(None, None, None)
-            raise
-        self._tg = tg
+            async with anyio.create_task_group() as tg:
+                await tg.start(self.writer.run)
+                tg.start_soon(self._keep_running, "heartbeat", self._heartbeat)
+                tg.start_soon(self._keep_running, "sweeper", self._sweep)
+                self._tg = tg
+                ready.set()
+                await self._stop.wait()
+                await self._drain()
+                tg.cancel_scope.cancel()
+        finally:
+            self._tg = None
+            ready.set()
+            self._done.set()
+
+    async def _keep_running(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            try:
+                await loop()
+                return
+            except Exception:
+                logger.exception("the supervisor's %s failed; it starts again", name)
+                await anyio.sleep(_LOOP_RESTART_S)
 
     async def ensure_started(self) -> None:
         """Start on first use when no lifespan started the supervisor."""
@@ -168,31 +197,24 @@ class Supervisor:
 
     async def aclose(self) -> None:
         """Drain for ``shutdown_grace_s``, then release the leases of what is still running."""
-        if self._serving is not None:
-            stop, done = self._serving
-            stop.set()
-            await done.wait()
-            self._serving = None
-            self._serve_task = None
+        task, stop, done = self._serve_task, self._stop, self._done
+        if task is None or stop is None or done is None:
             return
-        await self._shutdown()
+        stop.set()
+        await done.wait()
+        self._serve_task = None
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
 
-    async def _shutdown(self) -> None:
-        tg = self._tg
-        if tg is None:
-            return
+    async def _drain(self) -> None:
         self._closing = True
         with anyio.move_on_after(self.shutdown_grace_s):
             await self._idle.wait()
+            await self.post_hooks.wait_idle()  # within the same grace period
         for pump in list(self._pumps.values()):
             pump.abandon()  # its runner releases the lease so another worker resumes at once
         with anyio.move_on_after(5):
             await self._idle.wait()
-        tg.cancel_scope.cancel()
-        try:
-            await tg.__aexit__(None, None, None)
-        finally:
-            self._tg = None
 
     async def __aenter__(self) -> Supervisor:
         await self.start()
@@ -215,13 +237,14 @@ class Supervisor:
     def owns(self, key: RunKey) -> bool:
         return key in self._pumps
 
-    async def begin(
-        self,
-        key: RunKey,
-        *,
-        input_hash: str,
-        user_id: str,
-    ) -> BeginResult:
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def key_of(self, completion: TurnCompletion) -> RunKey:
+        return RunKey(completion.identity.tenant_id, completion.execution_id)
+
+    async def begin(self, key: RunKey, *, input_hash: str, user_id: str) -> BeginResult:
         if self._closing:
             raise StoreUnavailable("this worker is shutting down")
         return await self.store.begin(
@@ -286,15 +309,23 @@ class Supervisor:
     async def _release(self, key: RunKey, lease: Lease) -> None:
         try:
             await self.store.release(key, lease)
-        except StoreError:
+        except Exception:
             logger.warning("could not release the lease on %s", key.execution_id)
 
     def register_adapter(self, adapter: ReconnectAdapter) -> None:
-        """Let this worker re-attach to runs whose handle names ``adapter.kind``."""
+        """Let this worker re-attach to runs whose handle names ``adapter.kind``.
+
+        An app may build its adapter per request: another instance of the same class for a
+        kind already registered is fine (the first one serves recovered runs).
+        """
         known = self._adapters.get(adapter.kind)
-        if known is not None and known is not adapter:
-            raise ValueError(f"another adapter is registered for kind {adapter.kind!r}")
-        self._adapters[adapter.kind] = adapter
+        if known is None:
+            self._adapters[adapter.kind] = adapter
+        elif known is not adapter and type(known) is not type(adapter):
+            raise ValueError(
+                f"adapters of two classes claim kind {adapter.kind!r}: "
+                f"{type(known).__name__} and {type(adapter).__name__}"
+            )
 
     def adapter_for(
         self, handle: Mapping[str, Any] | None
@@ -315,39 +346,9 @@ class Supervisor:
 
         True when the run now has a live owner (this worker, or one that beat us to it).
         A run without a handle (its producer is not reconnectable) is left for the next
-        request of its turn, which restarts it.
+        request of its turn, which restarts it (or, much later, for the sweeper to end).
         """
-        if self._tg is None or self._closing:
-            return False
-        if key in self._pumps:
-            return True
-        run = await self.store.get_run(key)
-        if run is None or run.status.finished:
-            return False
-        if run.lease_live:
-            return True
-        found = self.adapter_for(run.handle)
-        if found is None:
-            return False
-        result = await self.store.claim(key, holder=self.worker_id, lease_ms=self.lease_ms)
-        if result is None or result.outcome is BeginOutcome.COMPLETED:
-            return False
-        if result.outcome is not BeginOutcome.TAKEOVER:
-            return result.outcome is BeginOutcome.LIVE
-        adapter, handle = found
-        project, session, turn = parse_execution_id(key.execution_id)
-        identity = TurnIdentity(key.tenant_id, project, session, result.run.user_id, turn)
-        logger.info("re-attaching to %s after %s", key.execution_id, result.run.last_seq)
-        self.start_pump(
-            result,
-            identity=identity,
-            input={},
-            hooks=self.hooks,
-            mode="resume",
-            adapter=adapter,
-            handle=handle,
-        )
-        return True
+        return await self._sweeper.recover(key, end_local=False)
 
     async def cancel(self, key: RunKey) -> bool:
         """Raise the run's cancel flag; the owner (here or elsewhere) sees it within a
@@ -358,95 +359,58 @@ class Supervisor:
             pump.request_cancel()
         return requested
 
+    def spawn_post_hooks(
+        self, completion: TurnCompletion, hooks: TurnHooks, *, persist: bool
+    ) -> None:
+        self.post_hooks.spawn(completion, hooks, persist=persist)
+
     # -- background work -------------------------------------------------------------------
 
     async def _heartbeat(self) -> None:
+        delay = self.heartbeat_ms / 1000
+        retry = _RENEW_RETRY_FIRST_S
         while True:
-            await anyio.sleep(self.heartbeat_ms / 1000)
-            pumps = list(self._pumps.values())
-            if not pumps:
-                continue
-            async with anyio.create_task_group() as tg:
-                for pump in pumps:
-                    tg.start_soon(self._renew, pump)
+            await anyio.sleep(delay)
+            if await self._renew_all(list(self._pumps.values())):
+                # Some renewal got no answer: try again soon, so that an owner cut off by an
+                # outage renews before anyone else's request sees its lease lapsed.
+                delay = min(retry, self.heartbeat_ms / 1000)
+                retry *= 2
+            else:
+                delay, retry = self.heartbeat_ms / 1000, _RENEW_RETRY_FIRST_S
 
-    async def _sweeper(self) -> None:
+    async def _renew_all(self, pumps: Sequence[Pump]) -> bool:
+        """Renew every pump's lease in one store round trip; True when some got no answer."""
+        pumps = [pump for pump in pumps if not pump.finished and not pump.lost]
+        if not pumps:
+            return False
+        try:
+            results: Sequence[RenewResult | Exception] = await self.store.renew_batch(
+                [RenewRequest(pump.key, pump.lease) for pump in pumps], lease_ms=self.lease_ms
+            )
+        except StoreError as exc:
+            logger.warning("could not renew %d leases: %s", len(pumps), exc)
+            return True
+        failed = False
+        for pump, result in zip(pumps, results, strict=True):
+            if isinstance(result, LeaseLost):
+                if not pump.finished:
+                    logger.warning("lost the lease on %s", pump.key.execution_id)
+                    pump.lose_lease()
+            elif isinstance(result, RunFinished):
+                # This pump's own finish landed while the renew was in flight (the store says
+                # RunFinished only to the lease that finished the run): nothing to renew.
+                pass
+            elif isinstance(result, StoreError):
+                failed = True
+            elif isinstance(result, Exception):
+                logger.error("renewing the lease on %s failed: %r", pump.key.execution_id, result)
+            elif result.cancel_requested:
+                pump.request_cancel()
+        return failed
+
+    async def _sweep(self) -> None:
         while True:
             await anyio.sleep(self.sweep_interval_ms / 1000)
-            if not self._adapters or self._closing:
-                continue
-            try:
-                keys = await self.store.lapsed_runs(limit=50)
-            except StoreError:
-                logger.warning("the orphan sweeper could not list lapsed runs")
-                continue
-            for key in keys:
-                try:
-                    await self.recover(key)
-                except StoreError:
-                    logger.warning("could not recover %s", key.execution_id)
-                except Exception:
-                    logger.exception("recovering %s failed", key.execution_id)
-
-    async def _renew(self, pump: Pump) -> None:
-        if pump.finished or pump.lost:
-            return
-        try:
-            renewed = await self.store.renew(pump.key, pump.lease, lease_ms=self.lease_ms)
-        except LeaseLost:
-            if not pump.finished:
-                logger.warning("lost the lease on %s", pump.key.execution_id)
-                pump.lose_lease()
-            return
-        except RunFinished:
-            # This pump's own finish landed while the renew was in flight (the store says
-            # RunFinished only to the lease that finished the run): nothing left to renew.
-            return
-        except StoreError:
-            logger.warning("could not renew the lease on %s", pump.key.execution_id)
-            return
-        except Exception:
-            logger.exception("renewing the lease on %s failed", pump.key.execution_id)
-            return
-        if renewed.cancel_requested:
-            pump.request_cancel()
-
-    def spawn_post_hooks(self, completion: TurnCompletion, hooks: TurnHooks) -> None:
-        if self._tg is None:
-            return
-        self._tg.start_soon(self._post_hooks, completion, hooks)
-
-    async def _post_hooks(self, completion: TurnCompletion, hooks: TurnHooks) -> None:
-        if hooks.persist_assistant_message is not None:
-            text = completion.final_text
-            if hooks.transform_final_text is not None:
-                try:
-                    text = hooks.transform_final_text(text)
-                except Exception:
-                    logger.exception("transform_final_text failed; persisting the raw text")
-            for attempt in range(1, _PERSIST_ATTEMPTS + 1):
-                try:
-                    await hooks.persist_assistant_message(completion, text)
-                    break
-                except Exception:
-                    logger.exception(
-                        "persist_assistant_message failed for %s (try %d of %d)",
-                        completion.execution_id,
-                        attempt,
-                        _PERSIST_ATTEMPTS,
-                    )
-                    await anyio.sleep(0.1 * 2**attempt)
-        if hooks.on_turn_complete is not None:
-            try:
-                await hooks.on_turn_complete(completion)
-            except Exception:
-                logger.exception("on_turn_complete failed for %s", completion.execution_id)
-        if hooks.trace_flush is not None:
-            flush = hooks.trace_flush
-            if hooks.wait_until is not None:
-                hooks.wait_until(flush())
-            else:
-                try:
-                    await flush()
-                except Exception:
-                    logger.exception("trace_flush failed for %s", completion.execution_id)
+            if not self._closing:
+                await self._sweeper.sweep()

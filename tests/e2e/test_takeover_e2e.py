@@ -277,8 +277,8 @@ def assert_substrate_log(events: list[dict[str, Any]], message: str) -> None:
     deltas = events[2:-1]
     assert [e["type"] for e in deltas] == ["text-delta"] * len(reply)
     assert [e["delta"] for e in deltas] == reply
-    # The substrate's event ids verbatim: the seam of the takeover dedups on them.
-    assert [e["eventId"] for e in events[1:-1]] == [str(n) for n in range(1, len(reply) + 2)]
+    # The substrate's event ids, scoped by the attempt: the seam of the takeover dedups on them.
+    assert [e["eventId"] for e in events[1:-1]] == [f"1/{n}" for n in range(1, len(reply) + 2)]
     assert events[-1]["type"] == "session.run.completed"
     assert events[-1]["finalText"] == "".join(reply)
     assert "session.run.restarted" not in {e["type"] for e in events}

@@ -1,0 +1,94 @@
+"""The outbox: what a producer ran ahead of the log, bounded in bytes and in events.
+
+The producer puts events in; the pump's logger takes out everything that is there as one
+batch. While a batch is in flight (or the store is away and the pump retries) the producer
+keeps running until the bound, so the next batch is whatever accumulated meanwhile:
+coalescing without timers. Waking costs one ``anyio.Event`` per wait, never one per event.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Generic, TypeVar
+
+import anyio
+
+from ._events import NewEvent
+
+__all__ = ["Outbox"]
+
+End = TypeVar("End")
+
+
+class Outbox(Generic[End]):
+    """A single-producer, single-consumer queue of events with an end marker.
+
+    ``close(end)`` tells the consumer how the producer ended (``end`` is handed back by
+    :attr:`end` once every event before it was taken).
+    """
+
+    def __init__(self, *, max_bytes: int, max_events: int) -> None:
+        if max_bytes < 1 or max_events < 1:
+            raise ValueError("an outbox needs room for at least one event")
+        self.max_bytes = max_bytes
+        self.max_events = max_events
+        self._items: deque[NewEvent] = deque()
+        self._bytes = 0
+        self._closed = False
+        self.end: End | None = None
+        self._readable: anyio.Event | None = None
+        self._writable: anyio.Event | None = None
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _full_for(self, event: NewEvent) -> bool:
+        # An event bigger than the whole bound still goes in alone, or it could never go.
+        return bool(self._items) and (
+            len(self._items) >= self.max_events or self._bytes + len(event.data) > self.max_bytes
+        )
+
+    async def put(self, event: NewEvent) -> None:
+        """Add ``event``; wait while the outbox is full (the log is behind or away)."""
+        while self._full_for(event):
+            if self._writable is None:
+                self._writable = anyio.Event()
+            await self._writable.wait()
+        self._items.append(event)
+        self._bytes += len(event.data)
+        if self._readable is not None:
+            self._readable.set()
+            self._readable = None
+
+    def close(self, end: End | None = None) -> None:
+        """The producer is done; ``end`` says how (None: it simply ran out)."""
+        self._closed = True
+        self.end = end
+        if self._readable is not None:
+            self._readable.set()
+            self._readable = None
+
+    async def take(self, *, max_events: int, max_bytes: int) -> list[NewEvent]:
+        """Every event there is, up to the caps (at least one); ``[]`` once closed and empty."""
+        while not self._items and not self._closed:
+            if self._readable is None:
+                self._readable = anyio.Event()
+            await self._readable.wait()
+        batch: list[NewEvent] = []
+        size = 0
+        while self._items and len(batch) < max_events:
+            event = self._items[0]
+            if batch and size + len(event.data) > max_bytes:
+                break
+            self._items.popleft()
+            batch.append(event)
+            size += len(event.data)
+        self._bytes -= size
+        if batch and self._writable is not None:
+            self._writable.set()
+            self._writable = None
+        return batch
