@@ -38,8 +38,11 @@ def redis_binary() -> str:
 class RedisProcess:
     """One redis-server on ``port`` (a free one by default), started and stopped at will."""
 
-    def __init__(self, binary: str, port: int | None = None) -> None:
+    def __init__(self, binary: str, port: int | None = None, *, aof: bool = False) -> None:
         self.binary = binary
+        # With aof, every write is fsynced before Redis answers it, so a SIGKILL loses
+        # nothing that was acknowledged and a restart brings it all back.
+        self.aof = aof
         self.port = port if port is not None else free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.workdir = tempfile.mkdtemp(prefix="turnstream-outage-redis-")
@@ -51,7 +54,9 @@ class RedisProcess:
         process = subprocess.Popen(
             [
                 self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", self.workdir, "--protected-mode", "yes",
+                "--dir", self.workdir, "--protected-mode", "yes",
+                *(["--appendonly", "yes", "--appendfsync", "always"] if self.aof
+                  else ["--appendonly", "no"]),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -82,3 +87,11 @@ class RedisProcess:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies mid-command, as in a crash or an OOM kill."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.kill()
+        process.wait(timeout=5)

@@ -602,3 +602,45 @@ async def test_fakeredis_serves_a_newcomer_and_shares_a_stream() -> None:
         await follower.aclose()
         await blocking.aclose()
         await control.aclose()
+
+
+# -- regression: a newcomer below the read's cursor ---------------------------------------
+
+
+@pytest.mark.redis
+async def test_a_newcomer_below_the_reads_cursor_is_never_served_with_a_gap(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A follower at 0-3 blocks; a second one of the same stream comes at 0-1 while that read
+    # is in flight, and an entry lands before the unblock does (held back here). The answer
+    # (entries after 0-3) serves the first; the second must wait for a read from 0-1 — once,
+    # 1,000 remote readers on one worker saw a delta go missing exactly like this.
+    follower = env.follower(max_connections=1, block_ms=5_000)
+    key = env.key("shared")
+    ids = await xadd(env, key, 3)
+    release_unblock = anyio.Event()
+    real_unblock = follower._unblock
+
+    async def late_unblock(lane: Any) -> bool:
+        await release_unblock.wait()
+        return await real_unblock(lane)
+
+    monkeypatch.setattr(follower, "_unblock", late_unblock)
+    ahead: list[Any] = []
+    behind: list[Any] = []
+
+    async def follow(into: list[Any], cursor: bytes) -> None:
+        into.extend(await follower.follow(key, cursor, block_ms=5_000, count=100))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(follow, ahead, ids[2])
+        await env.until_blocked()
+        tg.start_soon(follow, behind, ids[0])
+        await anyio.sleep(0.05)  # registered: its kick waits on the held-back unblock
+        new = await xadd(env, key, 1)
+        with anyio.fail_after(5):
+            while not ahead:
+                await anyio.sleep(0.005)
+        release_unblock.set()
+    assert [entry_id for entry_id, _ in ahead] == new
+    assert [entry_id for entry_id, _ in behind] == [ids[1], ids[2], *new]

@@ -382,6 +382,12 @@ class StreamFollower:
             entry.dirty = True
             had_waiters = bool(entry.waiters)
             for waiter in tuple(entry.waiters):
+                if waiter.cursor < entry.cursor:
+                    # It came after this read was sent, with a cursor below the read's: the
+                    # entries between the two are not in this answer. Serving it from here
+                    # would be a gap; the next read starts at its cursor.
+                    entry.dirty = True
+                    continue
                 start = bisect.bisect_right(ids, waiter.cursor)
                 if start < len(ids):
                     waiter.entries = entries[start : start + waiter.count]
