@@ -618,12 +618,15 @@ async def test_a_newcomer_below_the_reads_cursor_is_never_served_with_a_gap(
     follower = env.follower(max_connections=1, block_ms=5_000)
     key = env.key("shared")
     ids = await xadd(env, key, 3)
-    release_unblock = anyio.Event()
+    release_unblock, unblocked = anyio.Event(), anyio.Event()
     real_unblock = follower._unblock
 
     async def late_unblock(lane: Any) -> bool:
         await release_unblock.wait()
-        return await real_unblock(lane)
+        try:
+            return await real_unblock(lane)
+        finally:
+            unblocked.set()
 
     monkeypatch.setattr(follower, "_unblock", late_unblock)
     ahead: list[Any] = []
@@ -642,5 +645,7 @@ async def test_a_newcomer_below_the_reads_cursor_is_never_served_with_a_gap(
             while not ahead:
                 await anyio.sleep(0.005)
         release_unblock.set()
+    with anyio.fail_after(5):
+        await unblocked.wait()  # not cut short by the follower's aclose: no socket left open
     assert [entry_id for entry_id, _ in ahead] == new
     assert [entry_id for entry_id, _ in behind] == [ids[1], ids[2], *new]
