@@ -28,7 +28,6 @@ from turnstream import (
 )
 from turnstream.fastapi import ChatTurn, chat_turn, problem_handler
 
-supervisor = Supervisor(MemoryStore())  # RedisStore.from_url("redis://…") with several workers
 messages: dict[str, str] = {}  # your database: execution id -> assistant message
 producer_calls: Counter[str] = Counter()  # execution id -> model calls (see /debug/…)
 
@@ -54,7 +53,12 @@ async def persist_assistant_message(completion: TurnCompletion, text: str) -> No
     messages[completion.execution_id] = text
 
 
-hooks = TurnHooks(produce=produce, persist_assistant_message=persist_assistant_message)
+# The supervisor's hooks apply to every turn, and to the turns another worker recovers
+# after this one died (persistence is at least once, whoever finishes the turn).
+supervisor = Supervisor(
+    MemoryStore(),  # RedisStore.from_url("redis://…") with several workers
+    hooks=TurnHooks(persist_assistant_message=persist_assistant_message),
+)
 app = FastAPI(exception_handlers={TurnstreamError: problem_handler})  # RFC 9457 documents
 app.add_middleware(TurnstreamMiddleware, supervisor=supervisor, authorize=authorize)
 # The caller (authorize), the strictly read body and the turn's identity, or a 400 / 413.
@@ -65,7 +69,7 @@ Turn = Annotated[ChatTurn, Depends(chat_turn(supervisor, authorize=authorize))]
 async def chat(turn: Turn) -> Response:
     # {"message": …} is the turn's input; ?format=, Accept, ?after=, Last-Event-ID come from
     # the request. The response is the stream, or a problem document (409 for a conflict).
-    return await turn.respond(hooks=hooks)
+    return await turn.respond(produce=produce)
 
 
 @app.get("/debug/producer-calls")

@@ -33,7 +33,6 @@ from turnstream import (
     problem_for_exception,
 )
 
-supervisor = Supervisor(MemoryStore())  # RedisStore.from_url("redis://…") with several workers
 messages: dict[str, str] = {}  # your database: execution id -> assistant message
 producer_calls: Counter[str] = Counter()  # execution id -> model calls (see /debug/…)
 
@@ -59,7 +58,12 @@ async def persist_assistant_message(completion: TurnCompletion, text: str) -> No
     messages[completion.execution_id] = text
 
 
-hooks = TurnHooks(produce=produce, persist_assistant_message=persist_assistant_message)
+# The supervisor's hooks apply to every turn, and to the turns another worker recovers
+# after this one died (persistence is at least once, whoever finishes the turn).
+supervisor = Supervisor(
+    MemoryStore(),  # RedisStore.from_url("redis://…") with several workers
+    hooks=TurnHooks(persist_assistant_message=persist_assistant_message),
+)
 
 
 async def chat(request: Request) -> Response:
@@ -75,7 +79,7 @@ async def chat(request: Request) -> Response:
         identity,
         {"message": body.message},
         supervisor=supervisor,
-        hooks=hooks,
+        produce=produce,
         request=request,  # ?format=, Accept, ?after=, Last-Event-ID
     )
     return result.response

@@ -25,7 +25,6 @@ from turnstream import (
 )
 from turnstream.django import chat_turn_request, django_problem, django_response, stream_options
 
-supervisor = Supervisor(MemoryStore())  # RedisStore.from_url("redis://…") with several workers
 messages: dict[str, str] = {}  # your database: execution id -> assistant message
 producer_calls: Counter[str] = Counter()  # execution id -> model calls (see /debug/…)
 
@@ -55,7 +54,12 @@ async def persist_assistant_message(completion: TurnCompletion, text: str) -> No
     messages[completion.execution_id] = text
 
 
-hooks = TurnHooks(produce=produce, persist_assistant_message=persist_assistant_message)
+# The supervisor's hooks apply to every turn, and to the turns another worker recovers
+# after this one died (persistence is at least once, whoever finishes the turn).
+supervisor = Supervisor(
+    MemoryStore(),  # RedisStore.from_url("redis://…") with several workers
+    hooks=TurnHooks(persist_assistant_message=persist_assistant_message),
+)
 
 
 @csrf_exempt
@@ -73,7 +77,7 @@ async def chat(request: HttpRequest) -> HttpResponseBase:
         identity,
         {"message": body.message},
         supervisor=supervisor,
-        hooks=hooks,
+        produce=produce,
         **stream_options(request),  # ?format=, Accept, ?after=, Last-Event-ID
     )
     return django_response(result)  # StreamingHttpResponse, or a problem document
