@@ -9,7 +9,7 @@ bytes that were logged.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
@@ -56,6 +56,9 @@ class NewEvent:
     event_id: str
     type: str
     data: bytes
+    # The text a ``text-delta`` adds to the turn under the default fold, kept so the pump
+    # folds its own events without parsing their JSON back.
+    text_delta: str | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def build(
@@ -91,7 +94,13 @@ class NewEvent:
             raise PayloadTooLarge(
                 f"event of {len(data)} bytes is over the limit of {max_bytes}", field="event"
             )
-        return cls(event_id=event_id, type=event_type, data=data)
+        delta = payload.get("delta") if event_type == TEXT_DELTA else None
+        return cls(
+            event_id=event_id,
+            type=event_type,
+            data=data,
+            text_delta=delta if isinstance(delta, str) else None,
+        )
 
     @property
     def terminal(self) -> bool:

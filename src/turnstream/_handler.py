@@ -41,7 +41,7 @@ from ._framing import (
 from ._hooks import Producer, TurnHooks
 from ._identity import TurnIdentity, canonical_input_hash
 from ._problems import problem_for_exception
-from ._reader import read_run
+from ._reader import read_batches
 from ._response import TurnStreamResponse
 from ._store import BeginOutcome, RunKey, TurnStore
 from ._supervisor import Supervisor
@@ -130,8 +130,13 @@ def _stream_error_frame(fmt: StreamFormat, code: str, message: str) -> bytes:
     return payload + b"\n"
 
 
+# A batch is framed into chunks of about this size: big enough that one send carries
+# hundreds of events, small enough that a late joiner's catch-up is not one huge message.
+_CHUNK_BYTES = 64 * 1024
+
+
 async def _frames(
-    events: AsyncIterator[LoggedEvent],
+    batches: AsyncIterator[list[LoggedEvent]],
     fmt: StreamFormat,
     key: RunKey,
     store: TurnStore,
@@ -148,10 +153,18 @@ async def _frames(
             frame = framer.frame  # stateful: one per response
         else:
             frame = frame_sse if fmt is StreamFormat.SSE else frame_ndjson
-        async for event in events:
-            wire = frame(event)
-            if wire:  # an event the format leaves out (a superseded attempt's, in ai-sdk)
-                yield wire
+        async for batch in batches:
+            pieces: list[bytes] = []
+            size = 0
+            for event in batch:
+                wire = frame(event)  # empty for an event the format leaves out
+                pieces.append(wire)
+                size += len(wire)
+                if size >= _CHUNK_BYTES:
+                    yield b"".join(pieces)
+                    pieces, size = [], 0
+            if size:
+                yield b"".join(pieces)
     except StoreError as exc:
         logger.warning("store failed while streaming %s: %s", execution_id, exc)
         yield _stream_error_frame(
@@ -162,7 +175,7 @@ async def _frames(
             fmt, "owner_lost", "the worker running this turn stopped; retry the turn to restart it"
         )
     finally:
-        await events.aclose()  # type: ignore[attr-defined]
+        await batches.aclose()  # type: ignore[attr-defined]
 
 
 def _stream_headers(execution_id: str, mode: str, fmt: StreamFormat) -> dict[str, str]:
@@ -200,7 +213,7 @@ def stream_run(
         media_type=fmt.media_type,
         headers=_stream_headers(key.execution_id, mode, fmt),
         body=_frames(
-            read_run(supervisor, key, after=after), fmt, key, supervisor.store, min_attempt
+            read_batches(supervisor, key, after=after), fmt, key, supervisor.store, min_attempt
         ),
         execution_id=key.execution_id,
         mode=mode,

@@ -7,6 +7,8 @@ store instead.
 
 from __future__ import annotations
 
+import asyncio
+
 import anyio
 
 from ._events import LoggedEvent
@@ -26,7 +28,9 @@ class LiveRun:
         self.key = key
         self.first_seq = first_seq
         self._events: list[LoggedEvent] = []
-        self._changed = anyio.Event()
+        # asyncio's own Event: anyio's costs a backend lookup per creation, and one is made
+        # per published batch.
+        self._changed = asyncio.Event()
         self.closed = False
         # Monotonic time since when the pump cannot reach the store (None: it can).
         self.outage_since: float | None = None
@@ -67,4 +71,4 @@ class LiveRun:
 
     def _wake(self) -> None:
         self._changed.set()
-        self._changed = anyio.Event()
+        self._changed = asyncio.Event()

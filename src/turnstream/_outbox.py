@@ -3,15 +3,14 @@
 The producer puts events in; the pump's logger takes out everything that is there as one
 batch. While a batch is in flight (or the store is away and the pump retries) the producer
 keeps running until the bound, so the next batch is whatever accumulated meanwhile:
-coalescing without timers. Waking costs one ``anyio.Event`` per wait, never one per event.
+coalescing without timers. Waking costs one ``asyncio.Event`` per wait, never one per event.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from typing import Generic, TypeVar
-
-import anyio
 
 from ._events import NewEvent
 
@@ -36,8 +35,8 @@ class Outbox(Generic[End]):
         self._bytes = 0
         self._closed = False
         self.end: End | None = None
-        self._readable: anyio.Event | None = None
-        self._writable: anyio.Event | None = None
+        self._readable: asyncio.Event | None = None
+        self._writable: asyncio.Event | None = None
 
     @property
     def size_bytes(self) -> int:
@@ -54,10 +53,14 @@ class Outbox(Generic[End]):
 
     async def put(self, event: NewEvent) -> None:
         """Add ``event``; wait while the outbox is full (the log is behind or away)."""
+        if self._closed:
+            return  # discarded: the turn ends without what comes now
         while self._full_for(event):
             if self._writable is None:
-                self._writable = anyio.Event()
+                self._writable = asyncio.Event()
             await self._writable.wait()
+            if self._closed:
+                return
         self._items.append(event)
         self._bytes += len(event.data)
         if self._readable is not None:
@@ -72,11 +75,20 @@ class Outbox(Generic[End]):
             self._readable.set()
             self._readable = None
 
+    def discard(self) -> None:
+        """Drop what was not taken and close: the turn ends without it (a cancel)."""
+        self._items.clear()
+        self._bytes = 0
+        self.close()
+        if self._writable is not None:
+            self._writable.set()
+            self._writable = None
+
     async def take(self, *, max_events: int, max_bytes: int) -> list[NewEvent]:
         """Every event there is, up to the caps (at least one); ``[]`` once closed and empty."""
         while not self._items and not self._closed:
             if self._readable is None:
-                self._readable = anyio.Event()
+                self._readable = asyncio.Event()
             await self._readable.wait()
         batch: list[NewEvent] = []
         size = 0

@@ -20,12 +20,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import anyio
-import orjson
 
 from ._adapter import ReconnectAdapter, RunHandle
 from ._events import CANCELLED, COMPLETED, ERROR, FAILED, RESTARTED, STARTED, LoggedEvent, NewEvent
 from ._exceptions import LeaseLost, StoreError
 from ._faults import fault_point
+from ._fold import TextFold
 from ._hooks import TurnCompletion, TurnHooks
 from ._identity import TurnIdentity
 from ._live import LiveRun
@@ -81,7 +81,7 @@ class Pump:
         self.mode = mode
         self.live = live
         self.producing = Producing(self, adapter=adapter, handle=handle)
-        self.text = ""
+        self.fold = TextFold(hooks.accumulate)
         self.lost = False
         self.finished = False
         self._cancel_requested = anyio.Event()
@@ -93,6 +93,11 @@ class Pump:
     @property
     def handle(self) -> RunHandle | None:
         return self.producing.handle
+
+    @property
+    def text(self) -> str:
+        """The turn's text so far: the fold of what this pump knows of the log."""
+        return self.fold.text
 
     # -- control (called by the supervisor) ------------------------------------------------
 
@@ -135,7 +140,7 @@ class Pump:
                 lambda: self.supervisor.store.restart(self.key, self.lease), None
             )
             fault_point("pump.after_restart")
-            self.text = ""
+            self.fold.reset()
             self.producing.source_cursor = None
             restarted = {"type": RESTARTED, "executionId": execution_id, "attempt": self.attempt}
             await self._log([self._lifecycle(f"ts:restarted:{self.attempt}", restarted)], None)
@@ -247,7 +252,7 @@ class Pump:
             if not events:
                 return
             for event in events:
-                self._fold(event)
+                self.fold.add(event)
                 self.last_seq = event.seq
                 self.producing.saw_logged(event)
             if publish:
@@ -258,22 +263,20 @@ class Pump:
             raise LeaseLost("lease lost")
         fault_point("pump.before_append")
 
-        async def append() -> list[int]:
-            # Shielded: once queued the events may land, and a pump that stopped waiting would
-            # lose track of seqs and text that are in the log (checkpoint = fold of the log).
-            with anyio.CancelScope(shield=True):
-                seqs = await self.supervisor.writer.append(self.key, self.lease, events)
-            return seqs
-
-        seqs = await self._retrying(append, give_up_s)
+        # Not shielded: only the end of this pump (its lease lost, or abandoned at shutdown)
+        # cancels it, and then nothing of what it knows is written any more; a cancel request
+        # lets the logger finish its batch (see _drain), so the fold covers what landed.
+        writer = self.supervisor.writer
+        seqs = await self._retrying(lambda: writer.append(self.key, self.lease, events), give_up_s)
         fault_point("pump.after_append")
         fresh: list[LoggedEvent] = []
+        fold = self.fold
         for event, seq in zip(events, seqs, strict=True):
             if seq > self.last_seq:  # a deduplicated event was logged (and delivered) before
-                fresh.append(LoggedEvent(seq, event.event_id, event.type, event.data))
+                logged = LoggedEvent(seq, event.event_id, event.type, event.data)
+                fresh.append(logged)
+                fold.add(logged, event.text_delta)
                 self.last_seq = seq
-        for logged in fresh:
-            self._fold(logged)
         self.live.publish(fresh)
         if self.hooks.on_event is not None:
             for logged in fresh:
@@ -289,21 +292,30 @@ class Pump:
         outcome: Failure | str = "completed"
         async with anyio.create_task_group() as tg:
 
+            producing = anyio.CancelScope()
+
+            async def produce() -> None:
+                with producing:
+                    await self.producing.run(outbox)
+
             async def watch_cancel() -> None:
                 nonlocal outcome
                 await self._cancel_requested.wait()
                 outcome = "cancelled"
-                tg.cancel_scope.cancel()
+                # The producer stops at once, and what it ran ahead is never logged; the batch
+                # being written lands (or not) as it will, and is folded either way.
+                producing.cancel()
+                outbox.discard()
 
             async def log_all() -> None:
                 nonlocal outcome
                 result = await self._log_from(outbox)
-                if result is not None:
+                if result is not None and outcome != "cancelled":
                     outcome = result
                 tg.cancel_scope.cancel()
 
             tg.start_soon(watch_cancel)
-            tg.start_soon(self.producing.run, outbox)
+            tg.start_soon(produce)
             tg.start_soon(log_all)
         return outcome
 
@@ -339,13 +351,6 @@ class Pump:
                 await adapter.cancel(handle)
             except Exception:
                 logger.exception("adapter.cancel failed for %s", self.key.execution_id)
-
-    def _fold(self, event: LoggedEvent) -> None:
-        if event.type == RESTARTED:
-            self.text = ""  # a restarted attempt's text replaces the dead attempt's
-            return
-        payload = orjson.loads(event.data)
-        self.text = self.hooks.accumulate(self.text, payload)
 
     def _lifecycle(self, event_id: str, payload: Mapping[str, Any]) -> NewEvent:
         return NewEvent.build(event_id, payload, max_bytes=2**31)

@@ -24,7 +24,7 @@ from ._live import LiveRun
 from ._store import RunKey, RunRecord
 from ._supervisor import Supervisor
 
-__all__ = ["read_run"]
+__all__ = ["read_batches", "read_run"]
 
 logger = logging.getLogger("turnstream.reader")
 
@@ -73,7 +73,22 @@ def _lapsed_long_enough(run: RunRecord, supervisor: Supervisor) -> bool:
 async def read_run(
     supervisor: Supervisor, key: RunKey, *, after: int = 0
 ) -> AsyncIterator[LoggedEvent]:
-    """Yield the run's events with ``seq > after`` in order, ending after the terminal event.
+    """Yield the run's events with ``seq > after`` one by one (see :func:`read_batches`)."""
+    batches = read_batches(supervisor, key, after=after)
+    try:
+        async for batch in batches:
+            for event in batch:
+                yield event
+    finally:
+        await batches.aclose()  # type: ignore[attr-defined]
+
+
+async def read_batches(
+    supervisor: Supervisor, key: RunKey, *, after: int = 0
+) -> AsyncIterator[list[LoggedEvent]]:
+    """Yield the run's events with ``seq > after`` in order, ending after the terminal event,
+    as batches: every event that is ready when the client is ready for more (one wake-up and
+    one send per batch, never one per event).
 
     Ends early (without a terminal event) when the run is unknown or expired. Raises
     :class:`OwnerLost` when its owner died and the run cannot be re-attached (a local
@@ -125,8 +140,7 @@ async def read_run(
                     logger.info("run %s has no live owner; ending reader", key.execution_id)
                     raise OwnerLost(f"the worker running {key.execution_id} stopped")
                 continue
-        for event in events:
-            yield event
-            cursor = event.seq
-            if event.terminal:
-                return
+        yield events
+        if events[-1].terminal:  # the log's last event: nothing can follow it in a batch
+            return
+        cursor = events[-1].seq

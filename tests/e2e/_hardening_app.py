@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from turnstream import Limits, _handler
 from turnstream._demo import create_demo_app
 from turnstream._events import LoggedEvent
-from turnstream._reader import read_run
+from turnstream._reader import read_batches
 from turnstream._store import RunKey
 from turnstream._supervisor import Supervisor
 
@@ -60,14 +60,14 @@ def _limits() -> Limits:
 def create() -> ASGIApp:
     gauge = ReaderGauge()
 
-    async def counted_read_run(
+    async def counted_read_batches(
         supervisor: Supervisor, key: RunKey, *, after: int = 0
-    ) -> AsyncIterator[LoggedEvent]:
+    ) -> AsyncIterator[list[LoggedEvent]]:
         gauge.open += 1
-        events = read_run(supervisor, key, after=after)
+        events = read_batches(supervisor, key, after=after)
         try:
-            async for event in events:
-                yield event
+            async for batch in events:
+                yield batch
         finally:
             try:
                 await events.aclose()  # type: ignore[attr-defined]
@@ -76,8 +76,8 @@ def create() -> ASGIApp:
                 gauge.closed += 1
 
     # Only in this server process: every stream (chat route and resume route alike) is built
-    # by _handler.stream_run, which looks read_run up at call time.
-    _handler.read_run = counted_read_run  # type: ignore[attr-defined]
+    # by _handler.stream_run, which looks read_batches up at call time.
+    _handler.read_batches = counted_read_batches  # type: ignore[attr-defined]
 
     demo = create_demo_app(
         tokens=int(os.environ.get("TS_TOKENS", "20")),

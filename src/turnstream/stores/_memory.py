@@ -6,6 +6,7 @@ each is atomic exactly like a Lua script on Redis.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -62,7 +63,7 @@ class _Run:
     log: list[LoggedEvent] = field(default_factory=list)
     ids: dict[str, int] = field(default_factory=dict)
     # Replaced on every append; followers wait on the one current when they looked.
-    changed: anyio.Event = field(default_factory=anyio.Event)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class MemoryStore:
@@ -181,7 +182,7 @@ class MemoryStore:
 
     def _wake(self, run: _Run) -> None:
         run.changed.set()
-        run.changed = anyio.Event()
+        run.changed = asyncio.Event()
 
     def _check_open(self) -> None:
         if self._closed:
