@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 
 from tests._helpers import WordProducer, collect, ndjson, text_of
@@ -26,6 +27,7 @@ from turnstream import (
     TurnContext,
     TurnHooks,
     TurnIdentity,
+    canonical_input_hash,
     handle_chat_turn,
 )
 
@@ -282,3 +284,39 @@ async def test_an_adapter_built_per_request_works_and_resumes() -> None:
         dying.shutdown_grace_s = 0
     assert events[-1]["type"] == "session.run.completed"
     assert substrate.starts == 2
+
+
+@pytest.mark.parametrize("fmt", ["ndjson", "ai-sdk"])
+async def test_a_turn_whose_first_owner_logged_nothing_starts_its_log_when_restarted(
+    fmt: str,
+) -> None:
+    # The first owner died between its begin and its first event: its attempt left an empty
+    # log. The restart then starts the log (session.run.started, attempt 2), not with a
+    # session.run.restarted that no started precedes (an AI SDK client got no `start`).
+    store = MemoryStore()
+    begun = await store.begin(
+        KEY, input_hash=canonical_input_hash(INPUT), user_id="u1", holder="dead", lease_ms=10
+    )
+    assert begun.lease is not None
+    store.expire_lease(KEY)
+    producer = WordProducer(words=2)
+    async with Supervisor(store) as supervisor:
+        result = await handle_chat_turn(
+            IDENTITY, INPUT, supervisor=supervisor, produce=producer, format=fmt
+        )
+        assert result.mode == "restarted"
+        body = await collect(result)
+        log = [e.payload() for e in await store.read(KEY)]
+    assert [e["type"] for e in log] == [
+        "session.run.started",
+        "text-delta",
+        "text-delta",
+        "session.run.completed",
+    ]
+    assert log[0]["attempt"] == 2 and log[-1]["finalText"] == "w0 w1 "
+    if fmt == "ai-sdk":
+        chunks = [
+            orjson.loads(line[6:]) for line in body.split(b"\n\n") if line.startswith(b"data: {")
+        ]
+        assert [c["type"] for c in chunks][:2] == ["start", "start-step"]
+        assert "".join(c["delta"] for c in chunks if c["type"] == "text-delta") == "w0 w1 "

@@ -246,6 +246,11 @@ def ai_sdk_chunks(
         start: dict[str, Any] = {"type": "start"}
         if isinstance(payload.get("executionId"), str):
             start["messageId"] = payload["executionId"]
+        # A log may begin with a later attempt (its first attempt died before logging
+        # anything): the events that follow are that attempt's.
+        begun = payload.get("attempt")
+        if isinstance(begun, int) and not isinstance(begun, bool) and begun > state.attempt:
+            state = replace(state, attempt=begun)
         return [start, {"type": "start-step"}], state
     if event.type == RESTARTED:
         close_text()

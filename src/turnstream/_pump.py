@@ -142,8 +142,19 @@ class Pump:
             fault_point("pump.after_restart")
             self.fold.reset()
             self.producing.source_cursor = None
-            restarted = {"type": RESTARTED, "executionId": execution_id, "attempt": self.attempt}
-            await self._log([self._lifecycle(f"ts:restarted:{self.attempt}", restarted)], None)
+            if self.last_seq == 0:
+                # The dead attempt logged nothing, not even its start: this attempt starts
+                # the log (every log begins with session.run.started), and no client has
+                # any text to drop.
+                started = {"type": STARTED, "executionId": execution_id, "attempt": self.attempt}
+                await self._log([self._lifecycle("ts:started", started)], None)
+            else:
+                restarted = {
+                    "type": RESTARTED,
+                    "executionId": execution_id,
+                    "attempt": self.attempt,
+                }
+                await self._log([self._lifecycle(f"ts:restarted:{self.attempt}", restarted)], None)
         elif self.last_seq == 0:
             started = {"type": STARTED, "executionId": execution_id, "attempt": self.attempt}
             await self._log([self._lifecycle("ts:started", started)], None)
@@ -291,7 +302,6 @@ class Pump:
         )
         outcome: Failure | str = "completed"
         async with anyio.create_task_group() as tg:
-
             producing = anyio.CancelScope()
 
             async def produce() -> None:

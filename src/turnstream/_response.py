@@ -13,8 +13,9 @@ Every ``send`` is bounded by ``send_timeout``: a client that does not read is dr
 the watchdog rather than each under a timer of its own: a stream sends one message per batch
 of events, and a cancel scope, a lock and a checkpoint per message cost more than the rest of
 its path (about 20 µs of it). Both disconnect paths end the stream: an ``OSError`` from
-``send`` (ASGI spec 2.4) and the ``http.disconnect`` message. However the stream ends, the body iterator is closed
-and ``on_close`` is awaited, once, shielded from cancellation and bounded in time.
+``send`` (ASGI spec 2.4) and the ``http.disconnect`` message. However the stream ends, the
+body iterator is closed and ``on_close`` is awaited, once, shielded from cancellation and
+bounded in time.
 """
 
 from __future__ import annotations

@@ -411,7 +411,8 @@ async def test_a_lost_index_write_is_swallowed(
 
     # The store's own client writes only the indexes through pipelines (the run scripts
     # go one by one or through the write client).
-    monkeypatch.setattr(store._index, "_client", type("Lossy", (), {"pipeline": staticmethod(pipeline)})())
+    lossy = type("Lossy", (), {"pipeline": staticmethod(pipeline)})()
+    monkeypatch.setattr(store._index, "_client", lossy)
     key = new_key()
     lease = await begin(store, key)
     assert await store.append(key, lease, [event("a")]) == [1]
@@ -910,3 +911,60 @@ async def test_from_url_store_works_end_to_end(redis_server: Any) -> None:
             )
             == 2
         )
+
+
+# -- a client that dies between a finish and its index write ---------------------------------
+
+
+async def finish_with_persistence(store: RedisStore, key: RunKey, lease: Lease) -> None:
+    await store.finish(
+        key,
+        lease,
+        status=RunStatus.COMPLETED,
+        terminal=event("end", "session.run.completed"),
+        final_text="x",
+        persist_after_ms=1,
+    )
+
+
+async def test_a_pending_persistence_is_listed_before_the_finish_lands(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The owner dies right after its finish script ran: the index write after it never
+    # happens. The entry written before the finish is what lets a sweeper find the run.
+    store = backend.store()
+    key = new_key()
+    lease = await begin(store, key)
+
+    async def died(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    monkeypatch.setattr(store._index, "finished", died)
+    await finish_with_persistence(store, key, lease)
+    await anyio.sleep(0.02)
+    assert await store.pending_persists() == [key]
+    assert await store.claim_persist(key, holder="sweeper", lease_ms=60_000) is not None
+
+
+async def test_a_finished_run_left_in_the_lease_index_is_moved_to_the_persistence_index(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both index writes around the finish lost (an older client, or a crash in between): the
+    # lease index still holds the run, and reading it moves the run where it belongs.
+    store = backend.store()
+    key = new_key()
+    begun = await store.begin(key, input_hash="h", user_id="u", holder="w1", lease_ms=1)
+    assert begun.lease is not None
+    lease = begun.lease
+
+    async def lost(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    monkeypatch.setattr(store._index, "finished", lost)
+    monkeypatch.setattr(store._index, "persist_due", lost)
+    await finish_with_persistence(store, key, lease)
+    monkeypatch.undo()
+    await anyio.sleep(0.02)
+    assert await store.pending_persists() == []  # not listed yet
+    assert await store.lapsed_runs(local_after_ms=0) == []  # finished: no orphan
+    assert await store.pending_persists() == [key]

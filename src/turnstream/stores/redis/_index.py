@@ -213,15 +213,25 @@ class SweepIndex:
             (self.reconnectable, self.local) if reconnectable else (self.local, self.reconnectable)
         )
         parsed, mend = self._parse(members, index)
-        fields = (k.STATUS, k.LEASE_HOLDER, k.LEASE_EXPIRES_AT, k.HANDLE)
+        fields = (
+            k.STATUS,
+            k.LEASE_HOLDER,
+            k.LEASE_EXPIRES_AT,
+            k.HANDLE,
+            k.PERSIST,
+            k.PERSIST_DUE_AT,
+        )
         replies = await self._hmget([key for _, key in parsed], fields)
         found: list[RunKey] = []
         for (member, key), reply in zip(parsed, replies, strict=True):
             if isinstance(reply, Exception):
                 continue
-            status, holder, expires_at, handle = reply
+            status, holder, expires_at, handle, persist, due = reply
             if status != _RUNNING:
                 mend.remove(index, member)  # gone (None) or finished
+                if status is not None and persist == b"pending":
+                    # Finished by a client that died before it could list it: list it now.
+                    mend.put(self.persists, member, int(due or b"0"))
                 continue
             try:
                 expiry = int(expires_at or b"0")

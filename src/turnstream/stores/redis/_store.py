@@ -9,6 +9,7 @@ the one exception (see ``_index``): best effort, always checked against the run 
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -419,6 +420,13 @@ class RedisStore:
         self._check_open()
         if not status.finished or not terminal.terminal:
             raise ValueError("finish() takes a terminal status and a terminal event")
+        if persist_after_ms is not None:
+            # Listed before the finish, not only after it: a client that dies between its
+            # finish landing and its index write would otherwise leave a pending persistence
+            # no sweeper ever finds. Until the run is finished the entry is stale and dropped
+            # by whoever reads it; the score is this client's estimate, the hash says when.
+            due = int(time.time() * 1000) + persist_after_ms
+            await self._index.persist_due("finish", key, due)
         reply = await self._call(
             self._scripts.finish,
             "finish",
