@@ -19,14 +19,20 @@ against a store of your own::
 deterministic runs, pacing by clock or by hand, counters and fault injection, for testing
 code that drives adapters.
 
+``FAULT_POINTS`` names the places where a process dies on purpose when the environment
+variable ``TURNSTREAM_FAULTS`` lists them (``pump.after_append:3`` = at the third pass), for
+chaos drills of an app's own deployment.
+
 This package imports pytest and hypothesis; ``import turnstream`` never imports it.
 """
 
+from .._faults import FAULT_POINTS
 from ._adapter_suite import AdapterConformance, StreamReader
 from ._fake_substrate import FakeRun, FakeSubstrate, FakeSubstrateAdapter
 from ._store_suite import StoreConformance
 
 __all__ = [
+    "FAULT_POINTS",
     "AdapterConformance",
     "FakeRun",
     "FakeSubstrate",
