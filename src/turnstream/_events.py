@@ -87,7 +87,10 @@ class NewEvent:
                 body[name] = value
         body["eventId"] = event_id
         try:
-            data = orjson.dumps(body)
+            # Copied into a bytes object of its own size: orjson's result keeps the 4 KiB
+            # buffer it was written into, so a log of short deltas held ~4 KiB per event
+            # (490 KB per streamed turn) until it was copied. The copy costs ~0.1 µs.
+            data = b"%b" % orjson.dumps(body)
         except TypeError as exc:
             raise InvalidTurnInput(f"event is not JSON-serialisable: {exc}", field="event") from exc
         if len(data) > max_bytes:

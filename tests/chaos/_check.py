@@ -1,5 +1,5 @@
 """The checker: every turn's log, read straight from Redis (never through the fault proxy),
-held to DESIGN §3, and what each client received held to the log.
+held to turnstream's invariants, and what each client received held to the log.
 
 Layout (src/turnstream/stores/redis/_keys.py): ``{prefix}:{<tenant>/<execution id>}:log`` is a
 stream with entry ids ``0-<seq>`` and fields ``i`` (eventId), ``t`` (type), ``d`` (the event's
@@ -199,7 +199,7 @@ def check_log(verdict: Verdict, spec: TurnSpec, turn: LoggedTurn, expected: str)
         verdict.add("duplicated", "events after the terminal event")
     if turn.status in (None, "running"):
         verdict.add("abandoned", f"run status {turn.status!r}")
-    # Attempts: after `restarted` with attempt k, only attempt k writes (DESIGN §4).
+    # Attempts: after `restarted` with attempt k, only attempt k writes.
     attempt = 1
     stale: list[str] = []
     for entry in entries:

@@ -69,6 +69,29 @@ def _other(result: ScenarioResult) -> str:
     return ", ".join(parts) or "—"
 
 
+# What the figures above do not promise: written down plainly, for the users who need it.
+_NOT_COVERED = [
+    "## What you cannot rely on",
+    "",
+    "* **A Redis failover** (Sentinel, a managed replica promoted) can lose writes Redis",
+    "  acknowledged, events a client already saw included: replication is asynchronous and",
+    "  turnstream does not wait for replicas yet. The runs above use one Redis with",
+    "  `appendfsync always`, which survives its own crash, not a failover.",
+    "* **Redis without persistence** (`appendonly no` and no snapshots) loses every turn in",
+    "  flight on a restart; those turns then answer as unknown.",
+    "* **A local producer's turn whose worker dies is run again** (a new attempt, the model",
+    "  called again; the log says `session.run.restarted`): only a reconnectable substrate",
+    "  avoids the second call. Kills and zombies count these as *restarts*.",
+    "* **After an outage longer than the lease**, a request that reaches Redis before the",
+    "  owner's first renewal takes the turn over (a restart, as above); the owner is fenced.",
+    "* **An outage longer than `store_retry_s`** (30 s) ends a turn failed",
+    "  (`store_unavailable`), not completed; one longer than `running_ttl_ms` can lose it.",
+    "* **Persistence is at least once**: a hook may run twice for one turn (its owner died",
+    "  after the hook and before marking it done); key what it writes by execution id.",
+    "",
+]
+
+
 def write_report(
     path: Path,
     results: Sequence[ScenarioResult],
@@ -85,8 +108,13 @@ def write_report(
         "turnstream's public API, one redis-server with `appendonly yes, appendfsync always`",
         "behind a fault proxy, the reference substrate, every process on 127.0.0.1 and",
         "stopped by PID. Every turn's log is read straight from Redis afterwards and held to",
-        "DESIGN §3; what each client received is held to the log; model calls are counted",
-        "from a file every call appends to (it survives SIGKILL).",
+        "what turnstream promises: seqs 1..n without a gap, unique event ids, the log begins",
+        "with `session.run.started` and ends with exactly one terminal event, the run is",
+        "finished (never left `running`), the checkpointed text is the fold of the log, and",
+        "an owner that lost its lease wrote nothing after the takeover. What each client",
+        "received is held to the log (in order, nothing twice, nothing the log lacks); model",
+        "calls and persistence hooks are counted in files every call appends to (they",
+        "survive SIGKILL).",
         "",
         f"* seed: `{seed}` — replay with `{command}`",
         f"* duration: {duration_s:.0f} s",
@@ -114,6 +142,7 @@ def write_report(
         "`hung reader`, `corrupt` (checkpoint, status or first event do not add up).",
         "",
     ]
+    lines += _NOT_COVERED
     for r in results:
         lines += [f"## {r.name}", "", r.title + ".", ""]
         if r.fault_counts:

@@ -2,7 +2,7 @@
 returns a :class:`ScenarioResult`: faults tried/fired, turns, lost / duplicated / abandoned,
 restarts, extra model calls, and whatever else the checker found.
 
-The target behaviour each one holds the core to (DESIGN §3):
+The target behaviour each one holds the core to (turnstream's invariants):
 
 * ``kills`` — a worker SIGKILLs itself at a named fault point (``TURNSTREAM_FAULTS``), two
   workers on one Redis, clients resume or retry on the survivor: nothing lost, nothing twice,
