@@ -26,6 +26,7 @@ imports); change them together.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Final
@@ -105,7 +106,10 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
+@functools.lru_cache(maxsize=16384)
 def run_keys(prefix: str, key: RunKey) -> RunKeys:
+    # Cached: every append and renewal of a run needs its keys, and building them (quoting
+    # the tenant, three formats) was a few percent of a busy worker's CPU.
     tag = key.tag
     return RunKeys(
         run=RUN_KEY.format(prefix=prefix, tag=tag).encode(),

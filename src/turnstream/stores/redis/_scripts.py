@@ -42,39 +42,66 @@ class Scripts:
         self.mark_persisted = load("mark_persisted.lua")
 
 
+def _pack(args: Sequence[bytes]) -> bytes:
+    """One command in RESP: ``*<n>`` then ``$<len>``/value pairs; every argument is bytes."""
+    parts = [b"*%d\r\n" % len(args)]
+    parts += [b"$%d\r\n%b\r\n" % (len(arg), arg) for arg in args]
+    return b"".join(parts)
+
+
 async def evalsha_pipelined(
     client: aioredis.Redis,
     script: AsyncScript,
     calls: Sequence[tuple[Sequence[bytes], Sequence[bytes]]],
     operation: str,
 ) -> list[Any]:
-    """Run ``script`` once per ``(keys, args)`` in one non-transactional pipeline: one round
+    """Run ``script`` once per ``(keys, args)`` back to back on one connection: one round
     trip, each call atomic on its own. A reply is the script's answer or the redis-py error
     of that call alone.
 
-    Not registered with the pipeline on purpose: redis-py would then send SCRIPT EXISTS first,
-    a second round trip on every batch. NOSCRIPT is rare (a restarted or flushed server), so
-    it is handled after the fact: load the script, resend those calls.
+    Packed and read here rather than through a redis-py pipeline, which cost more than the
+    rest of the append path (a third of a paced worker's CPU: its per-command bookkeeping,
+    response callbacks and retry wrapper). A connection error is not retried here: every
+    caller (the pump, the heartbeat) retries the whole call with its own backoff. NOSCRIPT
+    (a restarted or flushed server) is handled after the fact: load the script, resend those.
     """
     replies: list[Any] = [None] * len(calls)
     pending = list(range(len(calls)))
-    for resend in (False, True):
-        if resend:
-            with translated(operation):
-                script.sha = await client.script_load(script.script)
-        async with client.pipeline(transaction=False) as pipe:
-            for i in pending:
-                keys, args = calls[i]
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            with translated(operation):
-                answers = await pipe.execute(raise_on_error=False)
-        missing: list[int] = []
-        for i, answer in zip(pending, answers, strict=True):
-            if isinstance(answer, rx.NoScriptError) and not resend:
-                missing.append(i)
-            else:
-                replies[i] = answer
-        if not missing:
-            break
-        pending = missing
+    pool = client.connection_pool
+    with translated(operation):
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            for resend in (False, True):
+                if resend:
+                    source = script.script
+                    body = source.encode() if isinstance(source, str) else bytes(source)
+                    await connection.send_packed_command(_pack([b"SCRIPT", b"LOAD", body]))
+                    loaded = await connection.read_response()
+                    script.sha = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
+                sha = script.sha.encode() if isinstance(script.sha, str) else script.sha
+                packed = b"".join(
+                    _pack([b"EVALSHA", sha, b"%d" % len(calls[i][0]), *calls[i][0], *calls[i][1]])
+                    for i in pending
+                )
+                await connection.send_packed_command(packed, check_health=not resend)
+                missing: list[int] = []
+                for i in pending:
+                    try:
+                        replies[i] = await connection.read_response()
+                    except rx.NoScriptError as exc:
+                        if resend:
+                            replies[i] = exc
+                        else:
+                            missing.append(i)
+                    except rx.ResponseError as exc:
+                        replies[i] = exc  # this call's own error: the reply was read whole
+                if not missing:
+                    break
+                pending = missing
+        except BaseException:
+            # A reply may be half read (a timeout, a cancel): the connection cannot be reused.
+            await connection.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(connection)
     return replies
