@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -163,3 +163,11 @@ async def call_with_a_stalled_body(
         body=body,
         seconds=seconds,
     )
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], limit: float = 10.0) -> None:
+    """Poll ``predicate`` until it holds; fail after ``limit`` seconds (a bound, not a timing
+    assertion: the tests poll stores and processes that have no event to wait on)."""
+    with anyio.fail_after(limit):
+        while not await predicate():
+            await anyio.sleep(0.01)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -81,6 +82,7 @@ class RedisProcess:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
+        os.kill(process.pid, signal.SIGCONT)  # a SIGSTOPped server (a black hole) too
         process.terminate()
         try:
             process.wait(timeout=5)

@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import pytest
 
-from tests._helpers import collect, ndjson, text_of
+from tests._helpers import collect, ndjson, text_of, wait_for
 from tests._substrate import SteppedAdapter, SteppedRun, SteppedSubstrate
 from turnstream import MemoryStore, RunKey, Supervisor, TurnIdentity, handle_chat_turn
 from turnstream._framing import StreamFormat
@@ -18,11 +18,6 @@ IDENTITY = TurnIdentity("t1", "proj", "s1", "u1", 0)
 KEY = RunKey("t1", "proj:s1:0")
 INPUT = {"message": "hi"}
 
-
-async def wait_for(predicate: Callable[[], Awaitable[bool]], limit: float = 5.0) -> None:
-    with anyio.fail_after(limit):
-        while not await predicate():
-            await anyio.sleep(0.005)
 
 
 def logged_at_least(store: MemoryStore, seq: int) -> Callable[[], Awaitable[bool]]:

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 
 from tests._flaky import FlakyStore
-from tests._helpers import WordProducer, collect, ndjson, text_of
+from tests._helpers import WordProducer, collect, ndjson, text_of, wait_for
 from turnstream import (
     MemoryStore,
     RunKey,
@@ -27,11 +27,6 @@ IDENTITY = TurnIdentity("t1", "proj", "s1", "u1", 0)
 KEY = RunKey("t1", "proj:s1:0")
 INPUT = {"message": "hi"}
 
-
-async def wait_for(predicate: Callable[[], Awaitable[bool]], limit: float = 10.0) -> None:
-    with anyio.fail_after(limit):
-        while not await predicate():
-            await anyio.sleep(0.01)
 
 
 def logged_at_least(store: TurnStore, n: int) -> Callable[[], Awaitable[bool]]:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 
 import anyio
 import pytest
 
-from tests._helpers import WordProducer, collect, ndjson, text_of
+from tests._helpers import WordProducer, collect, ndjson, text_of, wait_for
 from turnstream import (
     MemoryStore,
     NewEvent,
@@ -23,11 +22,6 @@ from turnstream import (
 IDENTITY = TurnIdentity("t1", "proj", "s1", "u1", 0)
 KEY = RunKey("t1", "proj:s1:0")
 
-
-async def wait_for(predicate: Callable[[], Awaitable[bool]], limit: float = 5.0) -> None:
-    with anyio.fail_after(limit):
-        while not await predicate():
-            await anyio.sleep(0.01)
 
 
 async def test_stale_owner_is_fenced_and_the_turn_restarts() -> None:

@@ -9,14 +9,14 @@ forever; a per-request adapter instance was a 500.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any
 
 import anyio
 import orjson
 import pytest
 
-from tests._helpers import WordProducer, collect, ndjson, text_of
+from tests._helpers import WordProducer, collect, ndjson, text_of, wait_for
 from tests._substrate import SteppedAdapter, SteppedSubstrate
 from turnstream import (
     MemoryStore,
@@ -39,11 +39,6 @@ INPUT = {"message": "hi"}
 def identity(turn: int) -> TurnIdentity:
     return TurnIdentity("t1", "proj", "s1", "u1", turn)
 
-
-async def wait_for(predicate: Callable[[], Awaitable[bool]], limit: float = 10.0) -> None:
-    with anyio.fail_after(limit):
-        while not await predicate():
-            await anyio.sleep(0.01)
 
 
 class Persisted:

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import statistics
-import subprocess
-import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +23,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis import exceptions as rx
 
+from tests._redis_process import RedisProcess, redis_binary
 from turnstream.stores.redis import _follow
 from turnstream.stores.redis._follow import StreamFollower
 
@@ -122,56 +120,15 @@ async def env(redis_server: Any) -> AsyncIterator[Env]:
         await close_env(made)
 
 
-class OwnRedis:
-    """A redis-server of the test's own, on a port that survives a restart."""
-
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("no redis-server binary")
-        self.binary = binary
-        self.workdir = tempfile.mkdtemp(prefix="turnstream-follow-")
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", self.workdir,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("own redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGCONT)
-            self.process.kill()
-            self.process.wait(timeout=5)
-        self.process = None
-
-
 @pytest.fixture
-def own_redis() -> Any:
-    server = OwnRedis()
+def own_redis() -> Iterator[RedisProcess]:
+    """A redis-server of the test's own, on a port that survives a restart."""
+    server = RedisProcess(redis_binary())
     server.start()
     try:
         yield server
     finally:
         server.stop()
-        shutil.rmtree(server.workdir, ignore_errors=True)
 
 
 async def xadd(env: Env, key: bytes, n: int = 1) -> list[bytes]:
@@ -485,7 +442,7 @@ async def test_a_killed_connection_fails_every_follower_of_its_read(env: Env) ->
 
 @pytest.mark.redis
 async def test_a_restarted_server_fails_the_followers_then_follows_work_again(
-    own_redis: OwnRedis,
+    own_redis: RedisProcess,
 ) -> None:
     env = await make_env(own_redis.url)
     try:
@@ -517,7 +474,7 @@ async def test_a_restarted_server_fails_the_followers_then_follows_work_again(
 
 
 @pytest.mark.redis
-async def test_a_black_holed_server_fails_the_read_by_its_deadline(own_redis: OwnRedis) -> None:
+async def test_a_black_holed_server_fails_the_read_by_its_deadline(own_redis: RedisProcess) -> None:
     env = await make_env(own_redis.url)
     assert own_redis.process is not None
     pid = own_redis.process.pid
