@@ -122,9 +122,7 @@ def _stream_error_frame(fmt: StreamFormat, code: str, message: str) -> bytes:
     if fmt is StreamFormat.AI_SDK:
         # No `[DONE]` after it: the message is not whole, the client should resume.
         return frame_ai_sdk_chunk({"type": "error", "errorText": message})
-    payload = orjson.dumps(
-        {"type": ERROR, "code": code, "message": message, "retryable": True}
-    )
+    payload = orjson.dumps({"type": ERROR, "code": code, "message": message, "retryable": True})
     if fmt is StreamFormat.SSE:
         return b"event: error\ndata: " + payload + b"\n\n"
     return payload + b"\n"
@@ -304,13 +302,29 @@ async def handle_chat_turn(
                     adapter=adapter,  # this request's instance: it may be built per request
                     handle=found[1],
                 )
+            elif result.run.cancel_requested:
+                # Cancelled while nobody owned it: the pump only ends it, cancelled, with
+                # the text of the attempt that was cancelled (nothing is produced again).
+                mode = "joined"
+                supervisor.start_pump(
+                    result,
+                    identity=identity,
+                    input=input,
+                    hooks=hooks,
+                    mode="restart",
+                    adapter=adapter,
+                )
             else:
                 # Nothing to re-attach to (a local producer, or no handle was logged yet):
                 # a new attempt; the log says `session.run.restarted`. The pump counts the
                 # attempt up after this returns, so the reader is told which one is coming.
                 min_attempt = result.run.attempt + 1
                 supervisor.start_pump(
-                    result, identity=identity, input=input, hooks=hooks, mode="restart",
+                    result,
+                    identity=identity,
+                    input=input,
+                    hooks=hooks,
+                    mode="restart",
                     adapter=adapter,
                 )
     except TurnstreamError as exc:

@@ -135,7 +135,11 @@ class Pump:
             # Taken over: fold the whole log, from its start.
             self.last_seq = 0
             await self._retrying(lambda: self._catch_up(publish=False), None)
-        if self.mode == "restart":
+        # A cancel that came while nobody owned the run (its owner had died) is honoured
+        # before anything is produced again: no new attempt, no second model call, and the
+        # text logged so far is the turn's.
+        cancelled = self._cancel_requested.is_set()
+        if self.mode == "restart" and not cancelled:
             self.attempt = await self._retrying(
                 lambda: self.supervisor.store.restart(self.key, self.lease), None
             )
@@ -160,7 +164,9 @@ class Pump:
             await self._log([self._lifecycle("ts:started", started)], None)
 
         outcome: Failure | str
-        if self.mode == "orphan":
+        if cancelled:
+            outcome = "cancelled"
+        elif self.mode == "orphan":
             outcome = Failure("owner_lost", "the worker running this turn stopped", True)
         else:
             outcome = await self._drain()

@@ -135,6 +135,9 @@ async def read_batches(
                 ):
                     if await supervisor.recover(key):
                         continue  # this worker (or another) re-attached: keep following
+                    again = await _bounded(store.get_run(key), notice_s, "get_run")
+                    if again is not None and (again.status.finished or again.lease_live):
+                        continue  # it finished (or was taken) meanwhile: read on
                     # Nothing here can resume it: tell the client now rather than let it
                     # wait for a TTL.
                     logger.info("run %s has no live owner; ending reader", key.execution_id)

@@ -196,7 +196,11 @@ class TurnStore(Protocol):
         ...
 
     async def restart(self, key: RunKey, lease: Lease) -> int:
-        """Start a new attempt of the run (fenced); return the new attempt number."""
+        """Start a new attempt of the run (fenced); return the new attempt number.
+
+        At most once per lease: a repeated call with the same lease (a retry after a lost
+        reply) returns the attempt the first one began instead of counting another.
+        """
         ...
 
     async def request_cancel(self, key: RunKey) -> bool:

@@ -286,6 +286,8 @@ class Supervisor:
             adapter=adapter,
             handle=handle,
         )
+        if run.cancel_requested:
+            pump.request_cancel()  # raised while nobody owned it: see Pump._run
         previous = self._pumps.get(run.key)
         if previous is not None:
             previous.lose_lease()  # our own stale pump: the new lease fences it anyway

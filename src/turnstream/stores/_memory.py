@@ -60,6 +60,7 @@ class _Run:
     expires_at_ms: int | None = None
     persist_pending: bool = False
     persist_due_at_ms: int = 0
+    restarted_by: int = 0  # the fencing token of the lease that last restarted the run
     log: list[LoggedEvent] = field(default_factory=list)
     ids: dict[str, int] = field(default_factory=dict)
     # Replaced on every append; followers wait on the one current when they looked.
@@ -298,7 +299,9 @@ class MemoryStore:
     async def restart(self, key: RunKey, lease: Lease) -> int:
         self._check_open()
         run = self._fenced(key, lease)
-        run.attempt += 1
+        if run.restarted_by != lease.token:  # once per lease: a retry answers the same
+            run.restarted_by = lease.token
+            run.attempt += 1
         return run.attempt
 
     async def request_cancel(self, key: RunKey) -> bool:

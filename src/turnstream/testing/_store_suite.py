@@ -865,6 +865,17 @@ class StoreConformance:
         assert record.attempt == 3
         assert record.status is RunStatus.RUNNING
 
+    async def test_restart_counts_once_per_lease(self, store: TurnStore) -> None:
+        # A pump that retries its restart after a lost reply must not skip an attempt.
+        key = self.new_key()
+        lease = await self.own(store, key)
+        assert await store.restart(key, lease) == 2
+        assert await store.restart(key, lease) == 2
+        assert (await self.run_record(store, key)).attempt == 2
+        current = await self.take_over(store, key, lease)
+        assert await store.restart(key, current) == 3
+        assert await store.restart(key, current) == 3
+
     # -- request_cancel -------------------------------------------------------------------
 
     async def test_request_cancel_of_an_unfinished_run(self, store: TurnStore) -> None:

@@ -76,10 +76,11 @@ FINISHED_AT: Final = b"finished_at"
 FINISHED_BY: Final = b"finished_by"  # holder of the lease that finished it (same token)
 # Only for retry-safety of begin, claim and restart (see begin.lua / claim.lua /
 # restart.lua). begin_id is the request id of whichever begin or claim last granted the
-# lease, so either one replaces the other's.
+# lease, so either one replaces the other's; restarted_by the fencing token of the lease
+# that last restarted the run (once per lease).
 BEGIN_ID: Final = b"begin_id"
 BEGIN_OUTCOME: Final = b"begin_outcome"
-RESTART_ID: Final = b"restart_id"
+RESTARTED_BY: Final = b"restarted_by"
 # Persistence of a finished run: "pending" until mark_persisted ("done"); absent when the
 # run had no persistence hook. persist_due_at: when another worker may retry it.
 PERSIST: Final = b"persist"

@@ -398,7 +398,7 @@ class RedisStore:
             self._scripts.restart,
             "restart",
             [self._keys(key).run],
-            [*self._lease_args(lease), secrets.token_hex(12).encode()],
+            self._lease_args(lease),
             write=True,
         )
         return int(self._fenced(reply, key, lease)[1])
