@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import orjson
 
-from .._events import LoggedEvent, NewEvent
+from .._events import LoggedEvent, NewEvent, fast_logged_event
 from .._exceptions import LeaseLost, RunFinished, TurnstreamError
 from .._store import (
     AppendRequest,
@@ -61,7 +61,10 @@ class _Run:
     persist_pending: bool = False
     persist_due_at_ms: int = 0
     restarted_by: int = 0  # the fencing token of the lease that last restarted the run
-    log: list[LoggedEvent] = field(default_factory=list)
+    # (event_id, type, data) per entry, seq = position + 1. Plain tuples of str/bytes, which
+    # the garbage collector stops tracking: a log of LoggedEvent objects made every full
+    # collection walk each event a worker keeps (0.45 s of GC in a 100,000-event turn).
+    log: list[tuple[str, str, bytes]] = field(default_factory=list)
     ids: dict[str, int] = field(default_factory=dict)
     # Replaced on every append; followers wait on the one current when they looked.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -219,7 +222,7 @@ class MemoryStore:
             seq = run.ids.get(event.event_id)
             if seq is None:
                 seq = len(run.log) + 1
-                run.log.append(LoggedEvent(seq, event.event_id, event.type, event.data))
+                run.log.append((event.event_id, event.type, event.data))
                 run.ids[event.event_id] = seq
                 appended = True
             seqs.append(seq)
@@ -249,7 +252,10 @@ class MemoryStore:
         if run is None:
             return []
         start = max(after, 0)
-        return run.log[start : start + limit]
+        return [
+            fast_logged_event(seq, *entry)
+            for seq, entry in enumerate(run.log[start : start + limit], start + 1)
+        ]
 
     async def follow(
         self, key: RunKey, *, after: int, block_ms: int, limit: int = 512
@@ -331,7 +337,7 @@ class MemoryStore:
         run = self._fenced(key, lease)
         now = self._clock()
         seq = len(run.log) + 1
-        run.log.append(LoggedEvent(seq, terminal.event_id, terminal.type, terminal.data))
+        run.log.append((terminal.event_id, terminal.type, terminal.data))
         run.status = status
         run.final_text = final_text
         run.finished_at_ms = now
