@@ -29,6 +29,8 @@ __all__ = [
     "TEXT_DELTA",
     "LoggedEvent",
     "NewEvent",
+    "fast_logged_event",
+    "fast_new_event",
 ]
 
 STARTED: Final = "session.run.started"
@@ -74,23 +76,25 @@ class NewEvent:
                 f"eventId must be a non-empty string of at most {MAX_LOGGED_ID_LENGTH} characters",
                 field="eventId",
             )
-        if not isinstance(payload, Mapping):
+        if type(payload) is not dict and not isinstance(payload, Mapping):
             raise InvalidTurnInput("an event must be a JSON object", field="event")
         event_type = payload.get("type")
         if not isinstance(event_type, str) or not event_type:
             raise InvalidTurnInput("an event needs a non-empty string 'type'", field="type")
         if "seq" in payload:
             raise InvalidTurnInput("'seq' is reserved: the store assigns it", field="seq")
-        body: dict[str, Any] = {"type": event_type}
-        for name, value in payload.items():
-            if name != "type" and name != "eventId":
-                body[name] = value
-        body["eventId"] = event_id
+        # `type` first, the producer's fields in their order, `eventId` (ours) last. One dict
+        # display does it: a repeated key keeps its first position and takes the last value.
+        if "eventId" in payload:  # a given eventId is replaced by ours, which goes last
+            body = {k: v for k, v in payload.items() if k != "eventId"}
+            body = {"type": event_type, **body, "eventId": event_id}
+        else:
+            body = {"type": event_type, **payload, "eventId": event_id}
         try:
             # Copied into a bytes object of its own size: orjson's result keeps the 4 KiB
             # buffer it was written into, so a log of short deltas held ~4 KiB per event
             # (490 KB per streamed turn) until it was copied. The copy costs ~0.1 µs.
-            data = b"%b" % orjson.dumps(body)
+            data = b"%b" % _dumps(body)
         except TypeError as exc:
             raise InvalidTurnInput(f"event is not JSON-serialisable: {exc}", field="event") from exc
         if len(data) > max_bytes:
@@ -98,12 +102,7 @@ class NewEvent:
                 f"event of {len(data)} bytes is over the limit of {max_bytes}", field="event"
             )
         delta = payload.get("delta") if event_type == TEXT_DELTA else None
-        return cls(
-            event_id=event_id,
-            type=event_type,
-            data=data,
-            text_delta=delta if isinstance(delta, str) else None,
-        )
+        return fast_new_event(event_id, event_type, data, delta if type(delta) is str else None)
 
     @property
     def terminal(self) -> bool:
@@ -134,3 +133,39 @@ class LoggedEvent:
         value: dict[str, Any] = orjson.loads(self.data)
         value["seq"] = self.seq
         return value
+
+
+# Fast constructors for the hot path (several per streamed event). A frozen dataclass's
+# generated __init__ sets each field through ``object.__setattr__`` looked up anew: 0.9 µs
+# for four fields, against 0.4 µs through the slots' own descriptors. The classes stay frozen
+# for their users; only the construction differs.
+_dumps = orjson.dumps
+_object_new = object.__new__
+_set_new_id = NewEvent.__dict__["event_id"].__set__
+_set_new_type = NewEvent.__dict__["type"].__set__
+_set_new_data = NewEvent.__dict__["data"].__set__
+_set_new_delta = NewEvent.__dict__["text_delta"].__set__
+_set_seq = LoggedEvent.__dict__["seq"].__set__
+_set_id = LoggedEvent.__dict__["event_id"].__set__
+_set_type = LoggedEvent.__dict__["type"].__set__
+_set_data = LoggedEvent.__dict__["data"].__set__
+
+
+def fast_new_event(event_id: str, type: str, data: bytes, text_delta: str | None) -> NewEvent:
+    """``NewEvent(event_id, type, data, text_delta)``, built without re-validation."""
+    event: NewEvent = _object_new(NewEvent)
+    _set_new_id(event, event_id)
+    _set_new_type(event, type)
+    _set_new_data(event, data)
+    _set_new_delta(event, text_delta)
+    return event
+
+
+def fast_logged_event(seq: int, event_id: str, type: str, data: bytes) -> LoggedEvent:
+    """``LoggedEvent(seq, event_id, type, data)``, built the fast way."""
+    event: LoggedEvent = _object_new(LoggedEvent)
+    _set_seq(event, seq)
+    _set_id(event, event_id)
+    _set_type(event, type)
+    _set_data(event, data)
+    return event

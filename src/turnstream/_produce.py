@@ -29,7 +29,7 @@ from ._adapter import (
     SubstrateFailed,
     SupervisedEvent,
 )
-from ._events import MAX_EVENT_ID_LENGTH, RESTARTED, LoggedEvent, NewEvent
+from ._events import MAX_EVENT_ID_LENGTH, RESTARTED, TERMINAL_TYPES, LoggedEvent, NewEvent
 from ._exceptions import AdapterError, InvalidTurnInput, LeaseLost, PayloadTooLarge, StoreError
 from ._faults import fault_point
 from ._hooks import TurnContext
@@ -186,16 +186,21 @@ class Producing:
         self, stream: AsyncIterator[Any], outbox: Outbox[Failure], *, from_adapter: bool
     ) -> None:
         limits = self.pump.supervisor.limits
+        max_events, max_bytes = limits.max_events_per_turn, limits.max_event_bytes
         attempt = self.pump.attempt
+        build, put = NewEvent.build, outbox.put
         try:
             async for item in stream:
                 self._produced += 1
-                if self._produced > limits.max_events_per_turn:
-                    raise _TooManyEvents(
-                        f"the turn produced more than {limits.max_events_per_turn} events"
-                    )
+                if self._produced > max_events:
+                    raise _TooManyEvents(f"the turn produced more than {max_events} events")
                 raw_id: str | None
-                if isinstance(item, SupervisedEvent):
+                payload: Any
+                if type(item) is dict:  # the common case first: no ABC instance checks
+                    payload = item
+                    given = item.get("eventId")
+                    raw_id = given if isinstance(given, str) and given else None
+                elif isinstance(item, SupervisedEvent):
                     if item.handle is not None and self.handle is None:
                         # Persisted before the event that carries it is logged: whoever takes
                         # over after this event can re-attach.
@@ -211,12 +216,12 @@ class Producing:
                     raise InvalidTurnInput("an adapter event needs an event id", field="eventId")
                 else:
                     event_id = f"{attempt}.{self._produced}"
-                event = NewEvent.build(event_id, payload, max_bytes=limits.max_event_bytes)
-                if event.terminal:
+                event = build(event_id, payload, max_bytes=max_bytes)
+                if event.type in TERMINAL_TYPES:
                     raise InvalidTurnInput(f"{event.type!r} is reserved for the pump", field="type")
                 if raw_id is not None:
                     self.source_cursor = raw_id
-                await outbox.put(event)
+                await put(event)
         finally:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:

@@ -22,7 +22,17 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import anyio
 
 from ._adapter import ReconnectAdapter, RunHandle
-from ._events import CANCELLED, COMPLETED, ERROR, FAILED, RESTARTED, STARTED, LoggedEvent, NewEvent
+from ._events import (
+    CANCELLED,
+    COMPLETED,
+    ERROR,
+    FAILED,
+    RESTARTED,
+    STARTED,
+    LoggedEvent,
+    NewEvent,
+    fast_logged_event,
+)
 from ._exceptions import LeaseLost, StoreError
 from ._faults import fault_point
 from ._fold import TextFold
@@ -287,13 +297,15 @@ class Pump:
         seqs = await self._retrying(lambda: writer.append(self.key, self.lease, events), give_up_s)
         fault_point("pump.after_append")
         fresh: list[LoggedEvent] = []
-        fold = self.fold
+        add = self.fold.add
+        last_seq = self.last_seq
         for event, seq in zip(events, seqs, strict=True):
-            if seq > self.last_seq:  # a deduplicated event was logged (and delivered) before
-                logged = LoggedEvent(seq, event.event_id, event.type, event.data)
+            if seq > last_seq:  # a deduplicated event was logged (and delivered) before
+                logged = fast_logged_event(seq, event.event_id, event.type, event.data)
                 fresh.append(logged)
-                fold.add(logged, event.text_delta)
-                self.last_seq = seq
+                add(logged, event.text_delta)
+                last_seq = seq
+        self.last_seq = last_seq
         self.live.publish(fresh)
         if self.hooks.on_event is not None:
             for logged in fresh:
