@@ -17,17 +17,37 @@ from ._store import RunKey
 __all__ = ["LiveRun"]
 
 
-class LiveRun:
-    """The events a local pump has logged for one run, from ``first_seq`` on.
+# How much of a run a LiveRun keeps: the recent tail, for readers that keep up. A reader
+# further behind (a late joiner, a slow client) reads the store, which has every event it
+# acknowledged. Trimmed to the bound once twice over it, so trimming costs O(1) per event.
+TAIL_EVENTS = 1024
+TAIL_BYTES = 1024 * 1024
 
-    Bounded by the turn's event limit: a run holds at most ``max_events_per_turn`` events.
-    Readers never block the pump: they keep their own cursor into this list.
+
+class LiveRun:
+    """The most recent events a local pump has logged for one run: ``first_seq`` on.
+
+    A bounded tail (about :data:`TAIL_EVENTS` events and :data:`TAIL_BYTES` bytes, more
+    only for a single bigger batch): a whole 100,000-event turn is not kept here for late
+    joiners, who read the store. Readers never block the pump: they keep their own cursor.
     """
 
-    def __init__(self, key: RunKey, *, first_seq: int) -> None:
+    def __init__(
+        self,
+        key: RunKey,
+        *,
+        first_seq: int,
+        tail_events: int = TAIL_EVENTS,
+        tail_bytes: int = TAIL_BYTES,
+    ) -> None:
         self.key = key
         self.first_seq = first_seq
+        self._last_seq = first_seq - 1
+        self._tail_events = tail_events
+        self._tail_bytes = tail_bytes
         self._events: list[LoggedEvent] = []
+        self._sizes: list[int] = []  # len(data) of each event held, to trim by bytes
+        self._bytes = 0
         # asyncio's own Event: anyio's costs a backend lookup per creation, and one is made
         # per published batch.
         self._changed = asyncio.Event()
@@ -41,13 +61,32 @@ class LiveRun:
 
     @property
     def last_seq(self) -> int:
-        return self._events[-1].seq if self._events else self.first_seq - 1
+        return self._last_seq
 
     def publish(self, events: list[LoggedEvent]) -> None:
+        """Add acknowledged events, the next seqs after :attr:`last_seq`, in order."""
         if not events:
             return
+        sizes = [len(event.data) for event in events]
         self._events.extend(events)
+        self._sizes.extend(sizes)
+        self._bytes += sum(sizes)
+        self._last_seq = events[-1].seq
+        if len(self._events) > 2 * self._tail_events or self._bytes > 2 * self._tail_bytes:
+            self._trim()
         self._wake()
+
+    def _trim(self) -> None:
+        drop = max(len(self._events) - self._tail_events, 0)
+        dropped = sum(self._sizes[:drop])
+        # Then whole events until under the byte bound (always keeping the newest one).
+        while drop < len(self._events) - 1 and self._bytes - dropped > self._tail_bytes:
+            dropped += self._sizes[drop]
+            drop += 1
+        del self._events[:drop]
+        del self._sizes[:drop]
+        self._bytes -= dropped
+        self.first_seq += drop
 
     def set_outage(self, failing: bool) -> None:
         """The pump's store calls started (or stopped) failing: readers may want to say so."""
