@@ -428,6 +428,22 @@ class StoreConformance:
         assert log[0].data == _delta("e1").data
         assert (await self.run_record(store, key)).last_seq == 3
 
+    async def test_append_of_thousands_in_one_call_dedups_across_and_within_it(
+        self, store: TurnStore
+    ) -> None:
+        # Past any chunking a store does inside one call (the Redis script works in chunks
+        # of 1,000 ids): duplicates across the chunk boundaries and against earlier calls.
+        key = self.new_key()
+        lease = await self.own(store, key)
+        first = [_delta(f"e{n}") for n in range(1, 1501)]
+        assert await store.append(key, lease, first) == list(range(1, 1501))
+        again = [_delta(f"e{n}") for n in range(1001, 3501)] + [_delta("e2"), _delta("e3000")]
+        seqs = await store.append(key, lease, again)
+        assert seqs == [*range(1001, 3501), 2, 3000]
+        log = await self.log(store, key)
+        assert _summary(log) == [(n, f"e{n}") for n in range(1, 3501)]
+        assert (await self.run_record(store, key)).last_seq == 3500
+
     async def test_append_dedups_an_event_id_within_one_batch(self, store: TurnStore) -> None:
         key = self.new_key()
         lease = await self.own(store, key)

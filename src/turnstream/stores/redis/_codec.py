@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import orjson
 from redis import exceptions as rx
 
-from ..._events import LoggedEvent
+from ..._events import LoggedEvent, fast_logged_event
 from ..._exceptions import StoreError, StoreUnavailable
 from ..._store import RunKey, RunRecord, RunStatus
 from . import _keys as k
@@ -79,9 +79,9 @@ def _parse_record(key: RunKey, fields: dict[bytes, bytes], now_ms: int) -> RunRe
 
 
 def logged_event(entry_id: bytes, fields: Mapping[bytes, bytes]) -> LoggedEvent:
-    return LoggedEvent(
-        seq=int(entry_id.partition(b"-")[2]),
-        event_id=as_str(fields[k.ENTRY_EVENT_ID]),
-        type=as_str(fields[k.ENTRY_TYPE]),
-        data=fields[k.ENTRY_DATA],
+    return fast_logged_event(
+        int(entry_id.partition(b"-")[2]),
+        as_str(fields[k.ENTRY_EVENT_ID]),
+        as_str(fields[k.ENTRY_TYPE]),
+        fields[k.ENTRY_DATA],
     )

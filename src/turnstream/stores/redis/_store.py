@@ -37,7 +37,7 @@ from ._codec import as_str, as_text, logged_event, run_record, translated
 from ._follow import StreamFollower
 from ._index import SweepIndex
 from ._keys import DEFAULT_PREFIX, RunKeys, check_prefix, run_keys
-from ._scripts import Scripts, evalsha_pipelined
+from ._scripts import Scripts, evalsha_pipelined, pack_append, pack_evalsha
 from ._settings import DEFAULT_RETENTION_MS, DEFAULT_RUNNING_TTL_MS, RedisSettings
 
 __all__ = ["RedisStore"]
@@ -241,13 +241,6 @@ class RedisStore:
     def _lease_args(lease: Lease) -> list[bytes]:
         return [as_text(lease.holder), str(lease.token).encode()]
 
-    @staticmethod
-    def _append_args(lease: Lease, events: Sequence[NewEvent]) -> list[bytes]:
-        args = RedisStore._lease_args(lease)
-        for event in events:
-            args += (as_text(event.event_id), as_text(event.type), event.data)
-        return args
-
     def _leased(self, key: RunKey, result: BeginResult) -> tuple[RunKey, int, bool]:
         return (key, result.run.lease_expires_at_ms, result.run.handle is not None)
 
@@ -295,8 +288,12 @@ class RedisStore:
         valid = requests[:bad] if bad is not None else requests
         results: list[list[int] | TurnstreamError] = []
         if valid:
-            calls = [(self._keys(r.key).all(), self._append_args(r.lease, r.events)) for r in valid]
-            replies = await evalsha_pipelined(self._writes, self._scripts.append, calls, "append")
+            script = self._scripts.append
+            commands = [
+                pack_append(script, self._keys(r.key).all(), self._lease_args(r.lease), r.events)
+                for r in valid
+            ]
+            replies = await evalsha_pipelined(self._writes, script, commands, "append")
             for request, reply in zip(valid, replies, strict=True):
                 try:
                     results.append(
@@ -344,9 +341,9 @@ class RedisStore:
             )
         return [logged_event(entry_id, fields) for entry_id, fields in entries]
 
-    def _renew_call(self, key: RunKey, lease: Lease, lease_ms: int) -> tuple[Any, list[bytes]]:
+    def _renew_call(self, key: RunKey, lease: Lease, lease_ms: int) -> bytes:
         args = [*self._lease_args(lease), _ms(lease_ms), _ms(self.running_ttl_ms)]
-        return self._keys(key).all(), args
+        return pack_evalsha(self._scripts.renew, self._keys(key).all(), args)
 
     async def renew(self, key: RunKey, lease: Lease, *, lease_ms: int) -> RenewResult:
         [result] = await self.renew_batch([RenewRequest(key, lease)], lease_ms=lease_ms)
