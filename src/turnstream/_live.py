@@ -7,11 +7,10 @@ store instead.
 
 from __future__ import annotations
 
-import asyncio
-
 import anyio
 
 from ._events import LoggedEvent
+from ._signal import Signal
 from ._store import RunKey
 
 __all__ = ["LiveRun"]
@@ -48,9 +47,7 @@ class LiveRun:
         self._events: list[LoggedEvent] = []
         self._sizes: list[int] = []  # len(data) of each event held, to trim by bytes
         self._bytes = 0
-        # asyncio's own Event: anyio's costs a backend lookup per creation, and one is made
-        # per published batch.
-        self._changed = asyncio.Event()
+        self._changed = Signal()  # once per published batch: see _signal.py
         self.closed = False
         # Monotonic time since when the pump cannot reach the store (None: it can).
         self.outage_since: float | None = None
@@ -109,5 +106,4 @@ class LiveRun:
             await self._changed.wait()
 
     def _wake(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._changed.notify_all()

@@ -3,16 +3,17 @@
 The producer puts events in; the pump's logger takes out everything that is there as one
 batch. While a batch is in flight (or the store is away and the pump retries) the producer
 keeps running until the bound, so the next batch is whatever accumulated meanwhile:
-coalescing without timers. Waking costs one ``asyncio.Event`` per wait, never one per event.
+coalescing without timers. Waking costs one future per wait (a :class:`Signal`), never one
+per event.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from typing import Generic, TypeVar
 
 from ._events import NewEvent
+from ._signal import Signal
 
 __all__ = ["Outbox"]
 
@@ -35,8 +36,8 @@ class Outbox(Generic[End]):
         self._bytes = 0
         self._closed = False
         self.end: End | None = None
-        self._readable: asyncio.Event | None = None
-        self._writable: asyncio.Event | None = None
+        self._readable = Signal()
+        self._writable = Signal()
 
     @property
     def size_bytes(self) -> int:
@@ -56,39 +57,29 @@ class Outbox(Generic[End]):
         if self._closed:
             return  # discarded: the turn ends without what comes now
         while self._full_for(event):
-            if self._writable is None:
-                self._writable = asyncio.Event()
             await self._writable.wait()
             if self._closed:
                 return
         self._items.append(event)
         self._bytes += len(event.data)
-        if self._readable is not None:
-            self._readable.set()
-            self._readable = None
+        self._readable.notify_all()
 
     def close(self, end: End | None = None) -> None:
         """The producer is done; ``end`` says how (None: it simply ran out)."""
         self._closed = True
         self.end = end
-        if self._readable is not None:
-            self._readable.set()
-            self._readable = None
+        self._readable.notify_all()
 
     def discard(self) -> None:
         """Drop what was not taken and close: the turn ends without it (a cancel)."""
         self._items.clear()
         self._bytes = 0
         self.close()
-        if self._writable is not None:
-            self._writable.set()
-            self._writable = None
+        self._writable.notify_all()
 
     async def take(self, *, max_events: int, max_bytes: int) -> list[NewEvent]:
         """Every event there is, up to the caps (at least one); ``[]`` once closed and empty."""
         while not self._items and not self._closed:
-            if self._readable is None:
-                self._readable = asyncio.Event()
             await self._readable.wait()
         batch: list[NewEvent] = []
         size = 0
@@ -100,7 +91,6 @@ class Outbox(Generic[End]):
             batch.append(event)
             size += len(event.data)
         self._bytes -= size
-        if batch and self._writable is not None:
-            self._writable.set()
-            self._writable = None
+        if batch:
+            self._writable.notify_all()
         return batch

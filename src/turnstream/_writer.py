@@ -2,6 +2,12 @@
 
 While one round trip is in flight the next batch accumulates, so a busy process sends one
 ``append_batch`` per round trip instead of one append per event.
+
+At most one batch is in flight. A pump that appends while none is sends its own batch
+itself, in its own task (with whatever else is queued): on an idle or lightly loaded worker
+that saves the hand-off to the writer's task and back, two task switches per append, which
+is most of what a paced token costs on top of a bare stream. Whatever arrives while a batch
+is in flight is sent by the writer's task, as the next batch.
 """
 
 from __future__ import annotations
@@ -9,27 +15,35 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import anyio
 from anyio.abc import TaskStatus
 
 from ._events import NewEvent
 from ._exceptions import StoreError, TurnstreamError
+from ._signal import Signal
 from ._store import AppendRequest, Lease, RunKey, TurnStore
 
 __all__ = ["LogWriter"]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Pending:
     key: RunKey
     lease: Lease
     events: Sequence[NewEvent]
-    # asyncio's own Event: anyio's costs a backend lookup per creation (one per append).
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    done: bool = False
     seqs: list[int] | None = None
     error: BaseException | None = None
+    # Made only when the appender has to wait for another task's flush (see _signal.py for
+    # why not an asyncio.Event).
+    waiter: asyncio.Future[None] | None = None
+
+    def complete(self) -> None:
+        self.done = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
 
 class LogWriter:
@@ -37,8 +51,9 @@ class LogWriter:
         self._store = store
         self._max_batch_events = max_batch_events
         self._queue: deque[_Pending] = deque()
-        self._ready = asyncio.Event()
+        self._ready = Signal()
         self._running = False
+        self._busy = False  # a batch is in flight (sent by a pump's task or the writer's)
 
     async def append(self, key: RunKey, lease: Lease, events: Sequence[NewEvent]) -> list[int]:
         """Queue events of one run; return their seqs once the store acknowledged them."""
@@ -46,28 +61,57 @@ class LogWriter:
             raise RuntimeError("the log writer is not running (is the supervisor started?)")
         pending = _Pending(key, lease, events)
         self._queue.append(pending)
-        self._ready.set()
-        await pending.done.wait()
+        if self._busy:
+            self._ready.notify_all()  # the writer's task sends it with the next batch
+        else:
+            await self._flush_inline(pending)
+        if not pending.done:
+            pending.waiter = asyncio.get_running_loop().create_future()
+            await pending.waiter
         if pending.error is not None:
             raise pending.error
         assert pending.seqs is not None
         return pending.seqs
+
+    async def _flush_inline(self, own: _Pending) -> None:
+        self._busy = True
+        batch = self._take_batch()
+        try:
+            await self._flush(batch)
+        except BaseException:
+            # This pump was cancelled (its lease lost, or a shutdown) with other pumps'
+            # events in the batch: they go back to the front of the queue, to be sent again
+            # by the writer's task (appends are idempotent: those that landed dedup). Its own
+            # are not: a cancelled pump writes nothing more.
+            again = [p for p in batch if p is not own and not p.done]
+            self._queue.extendleft(reversed(again))
+            raise
+        finally:
+            self._busy = False
+            if self._queue:
+                self._ready.notify_all()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         self._running = True
         task_status.started()
         try:
             while True:
-                await self._ready.wait()
-                self._ready = asyncio.Event()
-                while self._queue:
+                if not self._queue or self._busy:
+                    # Nothing to send, or a pump's task is sending a batch (it notifies when
+                    # it is done and something is queued).
+                    await self._ready.wait()
+                    continue
+                self._busy = True
+                try:
                     await self._flush(self._take_batch())
+                finally:
+                    self._busy = False
         finally:
             self._running = False
             while self._queue:  # nobody will write these: wake their pumps with an error
                 pending = self._queue.popleft()
                 pending.error = StoreError("the log writer stopped")
-                pending.done.set()
+                pending.complete()
 
     def _take_batch(self) -> list[_Pending]:
         batch: list[_Pending] = []
@@ -84,9 +128,10 @@ class LogWriter:
         for pending in batch:
             groups.setdefault((pending.key, pending.lease), []).append(pending)
         requests = [
-            AppendRequest(key, lease, [event for p in group for event in p.events])
+            AppendRequest(key, lease, group[0].events if len(group) == 1 else
+                          [event for p in group for event in p.events])
             for (key, lease), group in groups.items()
-        ]
+        ]  # fmt: skip
         try:
             # Not shielded: the writer is only cancelled when the supervisor's task group ends,
             # after every pump stopped, so no pump is left unsure of what landed (and a pump
@@ -95,14 +140,14 @@ class LogWriter:
         except TurnstreamError as exc:
             for pending in batch:
                 pending.error = exc
-                pending.done.set()
+                pending.complete()
             return
         except Exception as exc:  # a store bug must not kill the writer of every run
             error = StoreError(f"append failed: {exc!r}")
             error.__cause__ = exc
             for pending in batch:
                 pending.error = error
-                pending.done.set()
+                pending.complete()
             return
         for group, result in zip(groups.values(), results, strict=True):
             offset = 0
@@ -112,4 +157,4 @@ class LogWriter:
                 else:
                     pending.seqs = result[offset : offset + len(pending.events)]
                     offset += len(pending.events)
-                pending.done.set()
+                pending.complete()

@@ -6,7 +6,6 @@ each is atomic exactly like a Lua script on Redis.
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +17,7 @@ import orjson
 
 from .._events import LoggedEvent, NewEvent, fast_logged_event
 from .._exceptions import LeaseLost, RunFinished, TurnstreamError
+from .._signal import Signal
 from .._store import (
     AppendRequest,
     BeginOutcome,
@@ -66,8 +66,8 @@ class _Run:
     # collection walk each event a worker keeps (0.45 s of GC in a 100,000-event turn).
     log: list[tuple[str, str, bytes]] = field(default_factory=list)
     ids: dict[str, int] = field(default_factory=dict)
-    # Replaced on every append; followers wait on the one current when they looked.
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Notified on every append and finish: blocked followers read again.
+    changed: Signal = field(default_factory=Signal)
 
 
 class MemoryStore:
@@ -185,8 +185,7 @@ class MemoryStore:
         )
 
     def _wake(self, run: _Run) -> None:
-        run.changed.set()
-        run.changed = asyncio.Event()
+        run.changed.notify_all()
 
     def _check_open(self) -> None:
         if self._closed:
