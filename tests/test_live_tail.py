@@ -35,15 +35,24 @@ def test_the_tail_is_bounded_in_events_and_stays_contiguous() -> None:
     assert [e.seq for e in live.events_after(4990)] == list(range(4991, 5001))
 
 
-def test_the_tail_is_bounded_in_bytes_but_keeps_the_newest_event() -> None:
+def test_the_tail_is_bounded_in_bytes_but_keeps_the_newest_batch_whole() -> None:
     live = LiveRun(KEY, first_seq=1, tail_events=10**6, tail_bytes=1000)
-    live.publish(_events(1, 30, size=100))  # 3,000 bytes: over twice the bound
+    for seq in range(1, 31):
+        live.publish(_events(seq, 1, size=100))  # 3,000 bytes in all: over twice the bound
+        held = live.events_after(live.first_seq - 1)
+        assert sum(len(e.data) for e in held) <= 2000
     held = live.events_after(live.first_seq - 1)
-    assert sum(len(e.data) for e in held) <= 1000
     assert held[-1].seq == 30 and live.first_seq == held[0].seq
     live.publish(_events(31, 1, size=5000))  # one event bigger than the whole bound
     assert [e.seq for e in live.events_after(live.first_seq - 1)] == [31]
-    assert live.last_seq == 31
+    # A batch bigger than the bound stays whole: a reader that had read up to its start
+    # (the one that keeps up) must find all of it here.
+    live.publish(_events(32, 40, size=100))
+    assert live.covers(31)
+    assert [e.seq for e in live.events_after(31)] == list(range(32, 72))
+    live.publish(_events(72, 1, size=100))
+    assert not live.covers(31)  # the batch before the newest one is trimmed now
+    assert live.last_seq == 72
 
 
 async def test_a_late_joiner_of_a_long_live_turn_gets_every_event_once() -> None:
