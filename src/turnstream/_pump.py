@@ -94,7 +94,10 @@ class Pump:
         self.fold = TextFold(hooks.accumulate)
         self.lost = False
         self.finished = False
-        self._cancel_requested = anyio.Event()
+        self._cancel_requested = False
+        # While the producer is drained: what a cancel request does at once (no task waits
+        # for it: a task per turn costs a few KB and a wake-up more).
+        self._on_cancel: Callable[[], None] | None = None
         self._scope = anyio.CancelScope()
         # Monotonic time of the first store failure of the current outage (None: none).
         self._outage_since: float | None = None
@@ -112,7 +115,11 @@ class Pump:
     # -- control (called by the supervisor) ------------------------------------------------
 
     def request_cancel(self) -> None:
-        self._cancel_requested.set()
+        if self._cancel_requested:
+            return
+        self._cancel_requested = True
+        if self._on_cancel is not None:
+            self._on_cancel()
 
     def lose_lease(self) -> None:
         """Another writer holds the run now: stop without writing anything more."""
@@ -148,7 +155,7 @@ class Pump:
         # A cancel that came while nobody owned the run (its owner had died) is honoured
         # before anything is produced again: no new attempt, no second model call, and the
         # text logged so far is the turn's.
-        cancelled = self._cancel_requested.is_set()
+        cancelled = self._cancel_requested
         if self.mode == "restart" and not cancelled:
             self.attempt = await self._retrying(
                 lambda: self.supervisor.store.restart(self.key, self.lease), None
@@ -319,32 +326,36 @@ class Pump:
             max_bytes=limits.producer_buffer_bytes, max_events=limits.producer_buffer
         )
         outcome: Failure | str = "completed"
-        async with anyio.create_task_group() as tg:
-            producing = anyio.CancelScope()
+        producing = anyio.CancelScope()
 
-            async def produce() -> None:
-                with producing:
-                    await self.producing.run(outbox)
+        def on_cancel() -> None:
+            nonlocal outcome
+            outcome = "cancelled"
+            # The producer stops at once, and what it ran ahead is never logged; the batch
+            # being written lands (or not) as it will, and is folded either way.
+            producing.cancel()
+            outbox.discard()
 
-            async def watch_cancel() -> None:
-                nonlocal outcome
-                await self._cancel_requested.wait()
-                outcome = "cancelled"
-                # The producer stops at once, and what it ran ahead is never logged; the batch
-                # being written lands (or not) as it will, and is folded either way.
-                producing.cancel()
-                outbox.discard()
+        async def produce() -> None:
+            with producing:
+                await self.producing.run(outbox)
 
-            async def log_all() -> None:
-                nonlocal outcome
-                result = await self._log_from(outbox)
-                if result is not None and outcome != "cancelled":
-                    outcome = result
-                tg.cancel_scope.cancel()
+        async def log_all() -> None:
+            nonlocal outcome
+            result = await self._log_from(outbox)
+            if result is not None and outcome != "cancelled":
+                outcome = result
+            tg.cancel_scope.cancel()
 
-            tg.start_soon(watch_cancel)
-            tg.start_soon(produce)
-            tg.start_soon(log_all)
+        self._on_cancel = on_cancel
+        try:
+            if self._cancel_requested:  # raised since _run looked
+                on_cancel()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(produce)
+                tg.start_soon(log_all)
+        finally:
+            self._on_cancel = None
         return outcome
 
     async def _log_from(self, outbox: Outbox[Failure]) -> Failure | None:
