@@ -321,7 +321,10 @@ async def test_an_idle_sse_stream_gets_keepalives(app: TurnstreamMiddleware) -> 
 
 @pytest.mark.parametrize("limits", [Limits(send_timeout_s=0.2)])
 async def test_a_client_that_stops_reading_loses_its_reader(app: TurnstreamMiddleware) -> None:
-    env.producer.words = 400  # more than a stuck transport and the one-slot queue hold
+    # Paced, so the turn outlasts the check below however the reader batches its chunks (a
+    # fast producer's 400 words can fit in the few chunks a stuck transport and the one-slot
+    # queue hold, and then the body ends before any timeout).
+    env.producer.words, env.producer.delay = 400, 0.01
     stuck = asyncio.Event()
     sent: list[dict[str, Any]] = []
 
