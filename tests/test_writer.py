@@ -93,6 +93,33 @@ async def test_appends_that_arrive_during_a_flush_go_out_as_one_next_batch() -> 
     assert results == {i: [1, 2] for i in range(6)}
 
 
+class RemoteGatedStore(GatedStore):
+    local_appends = False  # as a networked store: an append is a round trip
+
+
+async def test_appends_woken_together_share_one_round_trip_on_a_remote_store() -> None:
+    # Paced tokens of many turns wake in the same loop iteration: on a store where each
+    # append_batch is a round trip they must go out as one, not one per turn.
+    store = RemoteGatedStore()
+    runs = await _runs(store, 5)
+    writer = LogWriter(store)
+    results: dict[int, list[int]] = {}
+
+    async def append(i: int) -> None:
+        key, lease = runs[i]
+        results[i] = await writer.append(key, lease, [_event(f"r{i}", 1)])
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(writer.run)
+        for i in range(5):
+            tg.start_soon(append, i)
+        while len(results) < 5:
+            await asyncio.sleep(0.001)
+        tg.cancel_scope.cancel()
+    assert [ids for _, ids in store.calls] == [[f"r{i}.1" for i in range(5)]]
+    assert results == {i: [1] for i in range(5)}
+
+
 async def test_a_sender_cancelled_mid_flight_holds_nobody_else_up() -> None:
     store = GatedStore()
     runs = await _runs(store, 3)

@@ -4,10 +4,12 @@ While one round trip is in flight the next batch accumulates, so a busy process 
 ``append_batch`` per round trip instead of one append per event.
 
 At most one batch is in flight. A pump that appends while none is sends its own batch
-itself, in its own task (with whatever else is queued): on an idle or lightly loaded worker
-that saves the hand-off to the writer's task and back, two task switches per append, which
-is most of what a paced token costs on top of a bare stream. Whatever arrives while a batch
-is in flight is sent by the writer's task, as the next batch.
+itself, in its own task: that saves the hand-off to the writer's task and back, two task
+switches per append. Before it takes the batch it yields once to the loop, so that the other
+pumps woken in the same loop iteration (paced tokens of many turns) join it — one round trip
+for all of them — unless the store says its appends cost no round trip
+(``local_appends = True``, the memory store), where there is nothing to save. Whatever
+arrives while a batch is in flight is sent by the writer's task, as the next batch.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class LogWriter:
         self._ready = Signal()
         self._running = False
         self._busy = False  # a batch is in flight (sent by a pump's task or the writer's)
+        self._local = bool(getattr(store, "local_appends", False))
 
     async def append(self, key: RunKey, lease: Lease, events: Sequence[NewEvent]) -> list[int]:
         """Queue events of one run; return their seqs once the store acknowledged them."""
@@ -75,10 +78,15 @@ class LogWriter:
 
     async def _flush_inline(self, own: _Pending) -> None:
         self._busy = True
-        batch = self._take_batch()
+        batch: list[_Pending] = []
         try:
+            if not self._local:
+                await asyncio.sleep(0)  # the appends of this loop iteration join the batch
+            batch = self._take_batch()
             await self._flush(batch)
         except BaseException:
+            if own in self._queue:  # cancelled before its events were taken: drop them
+                self._queue.remove(own)
             # This pump was cancelled (its lease lost, or a shutdown) with other pumps'
             # events in the batch: they go back to the front of the queue, to be sent again
             # by the writer's task (appends are idempotent: those that landed dedup). Its own

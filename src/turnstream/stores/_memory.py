@@ -10,7 +10,7 @@ import heapq
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import orjson
@@ -81,6 +81,10 @@ class MemoryStore:
     most every ``evict_interval_ms``, run by whichever call comes first after that: memory
     is bounded by what was written within the TTLs, never by a run nobody asks for again.
     """
+
+    # An append costs no round trip here, so the process-wide writer sends each one at once
+    # instead of waiting a loop iteration for others to batch with (see turnstream._writer).
+    local_appends: ClassVar[bool] = True
 
     def __init__(
         self,
