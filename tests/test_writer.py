@@ -99,7 +99,8 @@ class RemoteGatedStore(GatedStore):
 
 async def test_appends_woken_together_share_one_round_trip_on_a_remote_store() -> None:
     # Paced tokens of many turns wake in the same loop iteration: on a store where each
-    # append_batch is a round trip they must go out as one, not one per turn.
+    # append_batch is a round trip they must go out as one, not one per turn — sent by the
+    # writer's task, not by the appender.
     store = RemoteGatedStore()
     runs = await _runs(store, 5)
     writer = LogWriter(store)

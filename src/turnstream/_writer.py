@@ -3,13 +3,13 @@
 While one round trip is in flight the next batch accumulates, so a busy process sends one
 ``append_batch`` per round trip instead of one append per event.
 
-At most one batch is in flight. A pump that appends while none is sends its own batch
-itself, in its own task: that saves the hand-off to the writer's task and back, two task
-switches per append. Before it takes the batch it yields once to the loop, so that the other
-pumps woken in the same loop iteration (paced tokens of many turns) join it — one round trip
-for all of them — unless the store says its appends cost no round trip
-(``local_appends = True``, the memory store), where there is nothing to save. Whatever
-arrives while a batch is in flight is sent by the writer's task, as the next batch.
+At most one batch is in flight, sent by the writer's task; what arrives meanwhile is the
+next batch. On a store whose appends cost no round trip (``local_appends = True``: the
+memory store) batching saves nothing, so a pump that appends while no batch is in flight
+sends it itself, in its own task: two task switches less per append. On a networked store
+the hand-off stays, because the loop iteration it waits is what lets the paced tokens of
+other turns join the batch: sent at once, every token of 200 paced turns on Redis was a
+round trip of its own (1.07 commands per event instead of 0.64).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class LogWriter:
             raise RuntimeError("the log writer is not running (is the supervisor started?)")
         pending = _Pending(key, lease, events)
         self._queue.append(pending)
-        if self._busy:
+        if self._busy or not self._local:
             self._ready.notify_all()  # the writer's task sends it with the next batch
         else:
             await self._flush_inline(pending)
@@ -78,15 +78,10 @@ class LogWriter:
 
     async def _flush_inline(self, own: _Pending) -> None:
         self._busy = True
-        batch: list[_Pending] = []
+        batch = self._take_batch()
         try:
-            if not self._local:
-                await asyncio.sleep(0)  # the appends of this loop iteration join the batch
-            batch = self._take_batch()
             await self._flush(batch)
         except BaseException:
-            if own in self._queue:  # cancelled before its events were taken: drop them
-                self._queue.remove(own)
             # This pump was cancelled (its lease lost, or a shutdown) with other pumps'
             # events in the batch: they go back to the front of the queue, to be sent again
             # by the writer's task (appends are idempotent: those that landed dedup). Its own
