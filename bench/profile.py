@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("workload", choices=("paced", "bulk"))
     p.add_argument("--store", choices=("memory", "redis"), default="memory")
     p.add_argument("--route", choices=("turn", "bare"), default="turn")
+    p.add_argument("--format", choices=("ndjson", "sse", "ai-sdk"), default="ndjson")
     p.add_argument("--streams", type=int, default=200, help="paced: concurrent turns")
     p.add_argument("--tokens", type=int, default=100, help="paced: tokens per turn")
     p.add_argument("--delay-ms", type=int, default=20, help="paced: between two tokens")
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _path(args: argparse.Namespace, tail: str) -> str:
+    if args.format != "ndjson":
+        tail += f"&format={args.format}"
     if args.route == "bare":
         return f"/bare?{tail}"
     return f"/turn?session={session('prof')}-{{i}}&{tail}"  # `{i}`: one session per stream
@@ -149,7 +152,9 @@ def _paced(args: argparse.Namespace, server: Server) -> dict[str, object]:
 
 
 def _bulk(args: argparse.Namespace, server: Server) -> dict[str, object]:
-    return job("bulk", server, _path(args, f"n={args.events}&delay_ms=0&stamp=0"), timeout_s=300)
+    events = "line" if args.format == "ndjson" else "data"
+    path = _path(args, f"n={args.events}&delay_ms=0&stamp=0")
+    return job("bulk", server, path, events=events, timeout_s=300)
 
 
 if __name__ == "__main__":

@@ -235,6 +235,15 @@ def ai_sdk_chunks(
 
     Pure: ``event`` and ``state`` are not changed.
     """
+    if event.type == TEXT_DELTA and state.text_id is not None and (
+        state.attempt >= state.hidden_below
+    ):
+        # The common case, a delta inside an open text part: the state stays as it is, and
+        # only the delta is read (no payload with seq is built; dataclasses.replace alone was
+        # 18 % of an AI SDK stream's CPU).
+        delta = orjson.loads(event.data).get("delta")
+        if isinstance(delta, str):
+            return [{"type": "text-delta", "id": state.text_id, "delta": delta}], state
     payload = _payload_with_seq_first(event)
     chunks: list[dict[str, Any]] = []
 
