@@ -7,9 +7,10 @@ At most one batch is in flight, sent by the writer's task; what arrives meanwhil
 next batch. On a store whose appends cost no round trip (``local_appends = True``: the
 memory store) batching saves nothing, so a pump that appends while no batch is in flight
 sends it itself, in its own task: two task switches less per append. On a networked store
-the hand-off stays, because the loop iteration it waits is what lets the paced tokens of
-other turns join the batch: sent at once, every token of 200 paced turns on Redis was a
-round trip of its own (1.07 commands per event instead of 0.64).
+the hand-off stays: the loop iteration it waits lets the appends of other turns woken in the
+same iteration join the batch (tests/test_writer.py), and sending at once measured no
+better there (paced 200 x 100 on Redis: 3.29x vs 3.15x bare CPU per event, 1.07 client
+commands per event either way).
 """
 
 from __future__ import annotations
