@@ -49,8 +49,7 @@ class LiveRun:
         self._tail_events = tail_events
         self._tail_bytes = tail_bytes
         self._events: list[LoggedEvent] = []
-        self._sizes: list[int] = []  # len(data) of each event held, to trim by bytes
-        self._bytes = 0
+        self._bytes = 0  # len(data) of the events held
         self._changed = Signal()  # once per published batch: see _signal.py
         self.closed = False
         # Monotonic time since when the pump cannot reach the store (None: it can).
@@ -68,10 +67,8 @@ class LiveRun:
         """Add acknowledged events, the next seqs after :attr:`last_seq`, in order."""
         if not events:
             return
-        sizes = [len(event.data) for event in events]
         self._events.extend(events)
-        self._sizes.extend(sizes)
-        self._bytes += sum(sizes)
+        self._bytes += sum(len(event.data) for event in events)
         self._last_seq = events[-1].seq
         if len(self._events) > 2 * self._tail_events or self._bytes > 2 * self._tail_bytes:
             self._trim(keep=len(events))
@@ -80,15 +77,15 @@ class LiveRun:
     def _trim(self, *, keep: int) -> None:
         # Never into the newest batch: a reader that had read everything before it (the one
         # that keeps up) finds all of it here, however big it is.
-        last_droppable = len(self._events) - keep
-        drop = min(max(len(self._events) - self._tail_events, 0), last_droppable)
-        dropped = sum(self._sizes[:drop])
+        events = self._events
+        last_droppable = len(events) - keep
+        drop = min(max(len(events) - self._tail_events, 0), last_droppable)
+        dropped = sum(len(event.data) for event in events[:drop])
         # Then whole events until under the byte bound.
         while drop < last_droppable and self._bytes - dropped > self._tail_bytes:
-            dropped += self._sizes[drop]
+            dropped += len(events[drop].data)
             drop += 1
-        del self._events[:drop]
-        del self._sizes[:drop]
+        del events[:drop]
         self._bytes -= dropped
         self.first_seq += drop
 
