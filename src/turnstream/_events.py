@@ -86,8 +86,8 @@ class NewEvent:
         # `type` first, the producer's fields in their order, `eventId` (ours) last. One dict
         # display does it: a repeated key keeps its first position and takes the last value.
         if "eventId" in payload:  # a given eventId is replaced by ours, which goes last
-            body = {k: v for k, v in payload.items() if k != "eventId"}
-            body = {"type": event_type, **body, "eventId": event_id}
+            given = {k: v for k, v in payload.items() if k != "eventId"}
+            body = {"type": event_type, **given, "eventId": event_id}
         else:
             body = {"type": event_type, **payload, "eventId": event_id}
         try:

@@ -29,7 +29,7 @@ from ._adapter import (
     SubstrateFailed,
     SupervisedEvent,
 )
-from ._events import MAX_EVENT_ID_LENGTH, RESTARTED, TERMINAL_TYPES, LoggedEvent, NewEvent
+from ._events import MAX_EVENT_ID_LENGTH, RESTARTED, LoggedEvent, NewEvent
 from ._exceptions import AdapterError, InvalidTurnInput, LeaseLost, PayloadTooLarge, StoreError
 from ._faults import fault_point
 from ._hooks import TurnContext
@@ -217,7 +217,7 @@ class Producing:
                 else:
                     event_id = f"{attempt}.{self._produced}"
                 event = build(event_id, payload, max_bytes=max_bytes)
-                if event.type in TERMINAL_TYPES:
+                if event.terminal:
                     raise InvalidTurnInput(f"{event.type!r} is reserved for the pump", field="type")
                 if raw_id is not None:
                     self.source_cursor = raw_id
