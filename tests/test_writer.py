@@ -5,7 +5,7 @@ loses nobody else's events. And the Signal it (and the outbox, the live tail) wa
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import pytest
@@ -50,6 +50,23 @@ async def _runs(store: MemoryStore, n: int) -> list[tuple[RunKey, Lease]]:
     return runs
 
 
+def _appender(
+    writer: LogWriter,
+    runs: list[tuple[RunKey, Lease]],
+    results: dict[int, list[int]],
+    *,
+    events: int = 1,
+) -> Callable[[int], Awaitable[None]]:
+    """``append(i)``: events ``r<i>.1``… of run ``i``; their seqs land in ``results[i]``."""
+
+    async def append(i: int) -> None:
+        key, lease = runs[i]
+        batch = [_event(f"r{i}", n) for n in range(1, events + 1)]
+        results[i] = await writer.append(key, lease, batch)
+
+    return append
+
+
 async def test_an_append_to_an_idle_writer_is_sent_by_the_appender_itself() -> None:
     store = GatedStore()
     [(key, lease)] = await _runs(store, 1)
@@ -66,10 +83,7 @@ async def test_appends_that_arrive_during_a_flush_go_out_as_one_next_batch() -> 
     runs = await _runs(store, 6)
     writer = LogWriter(store)
     results: dict[int, list[int]] = {}
-
-    async def append(i: int) -> None:
-        key, lease = runs[i]
-        results[i] = await writer.append(key, lease, [_event(f"r{i}", 1), _event(f"r{i}", 2)])
+    append = _appender(writer, runs, results, events=2)
 
     async with anyio.create_task_group() as tg:
         await tg.start(writer.run)
@@ -105,10 +119,7 @@ async def test_appends_woken_together_share_one_round_trip_on_a_remote_store() -
     runs = await _runs(store, 5)
     writer = LogWriter(store)
     results: dict[int, list[int]] = {}
-
-    async def append(i: int) -> None:
-        key, lease = runs[i]
-        results[i] = await writer.append(key, lease, [_event(f"r{i}", 1)])
+    append = _appender(writer, runs, results)
 
     async with anyio.create_task_group() as tg:
         await tg.start(writer.run)
@@ -126,10 +137,7 @@ async def test_a_sender_cancelled_mid_flight_holds_nobody_else_up() -> None:
     runs = await _runs(store, 3)
     writer = LogWriter(store)
     results: dict[int, list[int]] = {}
-
-    async def append(i: int) -> None:
-        key, lease = runs[i]
-        results[i] = await writer.append(key, lease, [_event(f"r{i}", 1)])
+    append = _appender(writer, runs, results)
 
     async with anyio.create_task_group() as tg:
         await tg.start(writer.run)
@@ -164,10 +172,7 @@ async def test_a_cancelled_sender_hands_the_others_of_its_batch_back() -> None:
     runs = await _runs(store, 3)
     writer = LogWriter(store)
     results: dict[int, list[int]] = {}
-
-    async def append(i: int) -> None:
-        key, lease = runs[i]
-        results[i] = await writer.append(key, lease, [_event(f"r{i}", 1)])
+    append = _appender(writer, runs, results)
 
     async with anyio.create_task_group() as tg:
         writer._running, writer._busy = True, True  # as if its task ran, busy sending
