@@ -16,7 +16,6 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Query, Request, Response
 
 from turnstream import (
-    InvalidTurnInput,
     MemoryStore,
     Principal,
     Supervisor,
@@ -25,6 +24,7 @@ from turnstream import (
     TurnHooks,
     TurnstreamError,
     TurnstreamMiddleware,
+    Unauthorized,
 )
 from turnstream.fastapi import ChatTurn, chat_turn, problem_handler
 
@@ -33,10 +33,10 @@ producer_calls: Counter[str] = Counter()  # execution id -> model calls (see /de
 
 
 def authorize(request: Request) -> Principal:
-    """Your auth goes here; this example trusts a header."""
+    """Your auth goes here; this example trusts a header (Unauthorized: a 401)."""
     user = request.headers.get("x-user-id")
     if not user:
-        raise InvalidTurnInput("send an X-User-Id header", field="X-User-Id")
+        raise Unauthorized("send an X-User-Id header")
     return Principal(tenant_id="acme", user_id=user)
 
 

@@ -19,7 +19,6 @@ from starlette.routing import Route
 
 from turnstream import (
     ChatTurnRequest,
-    InvalidTurnInput,
     MemoryStore,
     Principal,
     Supervisor,
@@ -29,6 +28,8 @@ from turnstream import (
     TurnIdentity,
     TurnstreamError,
     TurnstreamMiddleware,
+    Unauthorized,
+    authorize_request,
     handle_chat_turn,
     problem_for_exception,
 )
@@ -38,10 +39,10 @@ producer_calls: Counter[str] = Counter()  # execution id -> model calls (see /de
 
 
 def authorize(request: Request) -> Principal:
-    """Your auth goes here; this example trusts a header."""
+    """Your auth goes here; this example trusts a header (Unauthorized: a 401)."""
     user = request.headers.get("x-user-id")
     if not user:
-        raise InvalidTurnInput("send an X-User-Id header", field="X-User-Id")
+        raise Unauthorized("send an X-User-Id header")
     return Principal(tenant_id="acme", user_id=user)
 
 
@@ -68,7 +69,7 @@ supervisor = Supervisor(
 
 async def chat(request: Request) -> Response:
     try:
-        principal = authorize(request)
+        principal = await authorize_request(authorize, request)  # 401 / 403 / 500
         body = await ChatTurnRequest.read(request)
         identity = TurnIdentity(
             principal.tenant_id, "chat", body.session_id, principal.user_id, body.turn_index

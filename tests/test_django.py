@@ -30,6 +30,8 @@ from turnstream import (
     Supervisor,
     TurnIdentity,
     TurnstreamError,
+    Unauthorized,
+    authorize_request,
     handle_chat_turn,
 )
 from turnstream._framing import SSE_KEEPALIVE
@@ -66,7 +68,14 @@ env = Env()
 
 
 def authorize(request: Any) -> Principal:
-    return Principal("t1", request.headers.get("x-user-id", "u1"))
+    user = request.headers.get("x-user-id", "u1")
+    if user == "anonymous":
+        raise Unauthorized("sign in first")
+    if user == "blocked":
+        raise PermissionError("read-only seat")
+    if user == "buggy":
+        raise RuntimeError("the session backend is down")
+    return Principal("t1", user)
 
 
 async def tracked(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -82,7 +91,7 @@ async def tracked(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 async def chat(request: HttpRequest) -> HttpResponseBase:
     try:
-        who = authorize(request)
+        who = await authorize_request(authorize, request)
         body = chat_turn_request(request)
     except TurnstreamError as exc:
         return django_problem(exc)
@@ -399,6 +408,21 @@ async def test_turn_routes_are_the_middlewares(app: TurnstreamMiddleware) -> Non
     start, content = await read_to_end(call)
     assert start["status"] == 200
     assert orjson.loads(content)["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    ("user", "status"), [("anonymous", 401), ("blocked", 403), ("buggy", 500)]
+)
+async def test_an_authorize_that_says_no_is_a_problem_document(
+    app: TurnstreamMiddleware, user: str, status: int
+) -> None:
+    start, content = await read_to_end(post_chat(app, TURN, x_user_id=user))
+    assert start["status"] == status
+    assert headers_of(start)["content-type"] == "application/problem+json"
+    document = orjson.loads(content)
+    assert document["status"] == status
+    assert "session backend" not in content.decode()  # a bug's text stays in the log
+    assert env.producer.calls == 0
 
 
 def test_importing_turnstream_django_does_not_import_django() -> None:

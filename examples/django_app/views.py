@@ -12,7 +12,6 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
 from turnstream import (
-    InvalidTurnInput,
     MemoryStore,
     Principal,
     Supervisor,
@@ -21,6 +20,8 @@ from turnstream import (
     TurnHooks,
     TurnIdentity,
     TurnstreamError,
+    Unauthorized,
+    authorize_request,
     handle_chat_turn,
 )
 from turnstream.django import chat_turn_request, django_problem, django_response, stream_options
@@ -37,7 +38,7 @@ def authorize(request: Any) -> Principal:
     """
     user = request.headers.get("x-user-id")
     if not user:
-        raise InvalidTurnInput("send an X-User-Id header", field="X-User-Id")
+        raise Unauthorized("send an X-User-Id header")
     return Principal(tenant_id="acme", user_id=user)
 
 
@@ -66,7 +67,7 @@ supervisor = Supervisor(
 @require_POST
 async def chat(request: HttpRequest) -> HttpResponseBase:
     try:
-        principal = authorize(request)
+        principal = await authorize_request(authorize, request)  # 401 / 403 / 500
         body = chat_turn_request(request)  # strict: 400 / 413 problem documents
         identity = TurnIdentity(
             principal.tenant_id, "chat", body.session_id, principal.user_id, body.turn_index

@@ -8,9 +8,11 @@ from ._adapter import (
     SubstrateFailed,
     SupervisedEvent,
 )
+from ._authorize import Principal, authorize_request
 from ._events import LoggedEvent, NewEvent
 from ._exceptions import (
     AdapterError,
+    Forbidden,
     InvalidTurnInput,
     LeaseLost,
     OwnerLost,
@@ -22,13 +24,14 @@ from ._exceptions import (
     StoreUnavailable,
     TurnInputMismatch,
     TurnstreamError,
+    Unauthorized,
 )
 from ._framing import StreamFormat
 from ._handler import ChatTurnResult, handle_chat_turn
 from ._health import ReadinessCheck, readiness
 from ._hooks import Limits, TurnCompletion, TurnContext, TurnHooks
 from ._identity import TurnIdentity, canonical_input_hash, derive_execution_id, parse_execution_id
-from ._middleware import Principal, TurnstreamMiddleware
+from ._middleware import TurnstreamMiddleware
 from ._problems import ProblemResponse, problem_for_exception
 from ._requests import ChatTurnRequest, read_json_body
 from ._store import BeginOutcome, Lease, RunKey, RunRecord, RunStatus, TurnStore
@@ -42,6 +45,7 @@ __all__ = [
     "BeginOutcome",
     "ChatTurnRequest",
     "ChatTurnResult",
+    "Forbidden",
     "InvalidTurnInput",
     "Lease",
     "LeaseLost",
@@ -79,6 +83,8 @@ __all__ = [
     "TurnStore",
     "TurnstreamError",
     "TurnstreamMiddleware",
+    "Unauthorized",
+    "authorize_request",
     "canonical_input_hash",
     "derive_execution_id",
     "handle_chat_turn",

@@ -6,6 +6,9 @@
     │   └── RequestTimeout      (the body did not arrive within ``body_timeout_s``: 408)
     ├── TurnInputMismatch       (same execution id, different input: 409)
     ├── RunNotFound             (no such run for this tenant: 404)
+    ├── Unauthorized            (``authorize`` found no or bad credentials: 401)
+    ├── Forbidden               (``authorize`` knows the caller, who may not: 403; also a
+    │                            PermissionError, which ``authorize`` may raise instead)
     ├── StoreError              (the store failed; redis-py errors are translated here)
     │   └── StoreUnavailable    (cannot reach the store: 503 with Retry-After)
     ├── LeaseLost               (a fenced write by a writer whose lease was taken over)
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 __all__ = [
     "AdapterError",
+    "Forbidden",
     "InvalidTurnInput",
     "LeaseLost",
     "OwnerLost",
@@ -32,6 +36,7 @@ __all__ = [
     "StoreUnavailable",
     "TurnInputMismatch",
     "TurnstreamError",
+    "Unauthorized",
 ]
 
 
@@ -68,6 +73,27 @@ class TurnInputMismatch(TurnstreamError):
 
 class RunNotFound(TurnstreamError):
     """No run with this execution id is visible to this tenant."""
+
+
+class Unauthorized(TurnstreamError):
+    """``authorize`` rejects the request: no credentials, or bad ones (401).
+
+    ``www_authenticate`` becomes the response's ``WWW-Authenticate`` header (RFC 9110
+    §11.6.1 asks a 401 for one), e.g. ``'Bearer realm="chat"'``. The message is shown to the
+    client as the problem's ``detail``.
+    """
+
+    def __init__(self, message: str = "", *, www_authenticate: str | None = None) -> None:
+        super().__init__(message)
+        self.www_authenticate = www_authenticate
+
+
+class Forbidden(TurnstreamError, PermissionError):
+    """``authorize`` knows the caller, who may not do this (403).
+
+    A plain ``PermissionError`` raised by ``authorize`` is answered the same way. The message
+    is shown to the client as the problem's ``detail``.
+    """
 
 
 class StoreError(TurnstreamError):

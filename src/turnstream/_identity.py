@@ -30,7 +30,7 @@ MAX_TURN_INDEX = 2**53 - 1  # stays exact through JSON in every language
 MAX_EXECUTION_ID_LENGTH = 2 * (MAX_COMPONENT_LENGTH * 4 * 3) + 2 + len(str(MAX_TURN_INDEX))
 
 
-def _check_component(value: object, field: str) -> str:
+def check_component(value: object, field: str) -> str:
     if not isinstance(value, str):
         raise InvalidTurnInput(f"{field} must be a string", field=field)
     if not value:
@@ -70,8 +70,8 @@ def derive_execution_id(project_id: str, session_id: str, turn_index: int) -> st
     mapping is injective and no component ever contains ``:``, ``{``, ``}``, ``%`` (other than
     as an escape) or a control character.
     """
-    project = _check_component(project_id, "projectId")
-    session = _check_component(session_id, "sessionId")
+    project = check_component(project_id, "projectId")
+    session = check_component(session_id, "sessionId")
     turn = _check_turn_index(turn_index)
     return f"{_encode(project)}:{_encode(session)}:{turn}"
 
@@ -113,10 +113,10 @@ class TurnIdentity:
     turn_index: int
 
     def __post_init__(self) -> None:
-        _check_component(self.tenant_id, "tenantId")
-        _check_component(self.project_id, "projectId")
-        _check_component(self.session_id, "sessionId")
-        _check_component(self.user_id, "userId")
+        check_component(self.tenant_id, "tenantId")
+        check_component(self.project_id, "projectId")
+        check_component(self.session_id, "sessionId")
+        check_component(self.user_id, "userId")
         _check_turn_index(self.turn_index)
 
     @property

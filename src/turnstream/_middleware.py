@@ -9,10 +9,7 @@ Everything else passes through untouched.
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Literal
 
 import orjson
@@ -20,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ._authorize import Authorize, Principal, authorize_request
 from ._exceptions import InvalidTurnInput, RunNotFound, TurnstreamError
 from ._framing import negotiate_format, parse_cursor
 from ._handler import stream_run
@@ -34,15 +32,6 @@ __all__ = ["Principal", "TurnstreamMiddleware"]
 logger = logging.getLogger("turnstream.middleware")
 
 
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who is asking, as the application's own auth resolved it."""
-
-    tenant_id: str
-    user_id: str
-
-
-Authorize = Callable[[Request], Principal | Awaitable[Principal]]
 LifespanMode = Literal["auto", "own", "forward"]
 
 _START_FAILED = "the turnstream supervisor failed to start"
@@ -51,9 +40,11 @@ _START_FAILED = "the turnstream supervisor failed to start"
 class TurnstreamMiddleware:
     """Wrap an ASGI app: ``app = TurnstreamMiddleware(app, supervisor=s, authorize=auth)``.
 
-    ``authorize(request)`` returns the caller's :class:`Principal` (or raises
-    ``PermissionError`` → 403). A run is visible only to its tenant and the user who started
-    it; anything else answers exactly like an unknown execution id.
+    ``authorize(request)`` returns the caller's :class:`Principal`, or raises
+    :class:`~turnstream.Unauthorized` (401) or :class:`~turnstream.Forbidden` /
+    ``PermissionError`` (403); anything else it raises is a logged 500. A run is visible
+    only to its tenant and the user who started it; anything else answers exactly like an
+    unknown execution id.
 
     The lifespan starts the supervisor before the app's own startup and drains it before the
     app's own shutdown (running turns may still need the app's resources). ``lifespan``:
@@ -70,7 +61,7 @@ class TurnstreamMiddleware:
         app: ASGIApp,
         *,
         supervisor: Supervisor,
-        authorize: Authorize,
+        authorize: Authorize[Request],
         prefix: str = "/turns",
         lifespan: LifespanMode = "auto",
     ) -> None:
@@ -267,18 +258,11 @@ class TurnstreamMiddleware:
             if run is None:
                 raise RunNotFound("no such turn")
             return _json(run_to_json(run))
-        except PermissionError as exc:
-            return ProblemResponse(403, "Forbidden", str(exc) or None)
         except TurnstreamError as exc:
             return problem_for_exception(exc)
 
     async def _principal(self, request: Request) -> Principal:
-        principal = self.authorize(request)
-        if inspect.isawaitable(principal):
-            principal = await principal
-        if not isinstance(principal, Principal):
-            raise TypeError("authorize() must return a turnstream.Principal")
-        return principal
+        return await authorize_request(self.authorize, request)
 
     async def _visible_run(self, key: RunKey, principal: Principal) -> RunRecord | None:
         run = await self.supervisor.store.get_run(key)

@@ -13,12 +13,14 @@ import orjson
 from starlette.responses import Response
 
 from ._exceptions import (
+    Forbidden,
     InvalidTurnInput,
     PayloadTooLarge,
     RequestTimeout,
     RunNotFound,
     StoreUnavailable,
     TurnInputMismatch,
+    Unauthorized,
 )
 
 __all__ = [
@@ -108,6 +110,9 @@ def problem_for_exception(
     PayloadTooLarge      413    the message (written for the client), ``field``
     RequestTimeout       408    the message, ``field``, with ``Connection: close``
     InvalidTurnInput     400    the message (written for the client), ``field``
+    Unauthorized         401    the message, if any; ``WWW-Authenticate`` if given
+    Forbidden            403    the message, if any (``authorize_request`` turns a
+                                ``PermissionError`` of ``authorize`` into one)
     TurnInputMismatch    409    fixed
     RunNotFound          404    fixed: an unknown run and another tenant's run answer
                                 byte for byte alike
@@ -129,6 +134,19 @@ def problem_for_exception(
         )
     if isinstance(exc, InvalidTurnInput):
         return _input_problem(exc, 400, "Invalid turn input", "invalid-input")
+    if isinstance(exc, Unauthorized):
+        headers: dict[str, str] = {}
+        if exc.www_authenticate is not None:
+            headers["WWW-Authenticate"] = exc.www_authenticate
+        return ProblemResponse(
+            401,
+            "Unauthorized",
+            str(exc) or None,
+            type=_problem_type("unauthorized"),
+            headers=headers,
+        )
+    if isinstance(exc, Forbidden):
+        return ProblemResponse(403, "Forbidden", str(exc) or None, type=_problem_type("forbidden"))
     if isinstance(exc, TurnInputMismatch):
         return ProblemResponse(
             409,

@@ -5,7 +5,7 @@ and its result into a Django response.
 
     async def chat(request):
         try:
-            who = authorize(request)
+            who = await authorize_request(authorize, request)  # 401 / 403 / 500
             body = chat_turn_request(request)           # strict: 400 / 413 problem documents
         except TurnstreamError as exc:
             return django_problem(exc)

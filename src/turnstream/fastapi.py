@@ -18,7 +18,6 @@ Importing this module imports FastAPI.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,10 +26,10 @@ from fastapi import Request
 from starlette.responses import Response
 
 from ._adapter import ReconnectAdapter
+from ._authorize import Authorize, Principal, authorize_request
 from ._handler import handle_chat_turn
 from ._hooks import Limits, Producer, TurnHooks
 from ._identity import TurnIdentity
-from ._middleware import Authorize, Principal
 from ._problems import problem_for_exception
 from ._requests import ChatTurnRequest
 from ._supervisor import Supervisor
@@ -78,7 +77,7 @@ class ChatTurn:
 def chat_turn(
     supervisor: Supervisor,
     *,
-    authorize: Authorize,
+    authorize: Authorize[Request],
     project_id: str = "chat",
     limits: Limits | None = None,
 ) -> Callable[[Request], Awaitable[ChatTurn]]:
@@ -91,11 +90,7 @@ def chat_turn(
     """
 
     async def dependency(request: Request) -> ChatTurn:
-        principal = authorize(request)
-        if inspect.isawaitable(principal):
-            principal = await principal
-        if not isinstance(principal, Principal):
-            raise TypeError("authorize() must return a turnstream.Principal")
+        principal = await authorize_request(authorize, request)
         body = await ChatTurnRequest.read(request, limits=limits or supervisor.limits)
         identity = TurnIdentity(
             principal.tenant_id, project_id, body.session_id, principal.user_id, body.turn_index
