@@ -18,7 +18,7 @@ from tests._helpers import call_with_a_stalled_body
 from tests._redis_process import free_port
 from turnstream import Limits
 from turnstream._demo import create_demo_app, fake_reply
-from turnstream._demo._app import VOCABULARY
+from turnstream._demo._fake import VOCABULARY
 from turnstream._supervisor import Supervisor
 
 TOKENS = 6
@@ -140,8 +140,11 @@ async def test_page(client: httpx.AsyncClient) -> None:
         "X-Execution-Id",
         "session.run.restarted",
         "localStorage",
-        "EventSource",
         "Last-Event-ID",
+        "X-Demo-Tenant",
+        "X-Demo-User",
+        "X-Demo-Worker",
+        "/demo/config",
     ):
         assert needle in page
 

@@ -1,6 +1,6 @@
 """The ``turnstream`` command (also ``python -m turnstream``).
 
-    turnstream demo [--redis URL] [--substrate URL] …   the demo chat app
+    turnstream demo [--redis URL [--workers N]] [--substrate URL] …   the demo chat app
     turnstream substrate [--port P] …                   the reference substrate (DESIGN §8)
 
 Both serve under uvicorn on 127.0.0.1 unless told otherwise.
@@ -69,12 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="share turns through this Redis (redis://host:port/db) instead of memory",
     )
     demo.add_argument(
-        "--tokens", type=_int_at_least(0), default=40, help="words per reply (default %(default)s)"
+        "--workers",
+        type=_int_at_least(1, 16),
+        default=1,
+        metavar="N",
+        help=(
+            "worker processes (default %(default)s; more need --redis); on a loopback address "
+            "the page then has a button that SIGKILLs the worker owning the turn"
+        ),
+    )
+    # The default reply lasts 6 s: long enough for a person to reload or drop the connection
+    # mid-turn, which is what the demo is for. The page's speed control overrides it per turn.
+    demo.add_argument(
+        "--tokens", type=_int_at_least(0), default=60, help="words per reply (default %(default)s)"
     )
     demo.add_argument(
         "--token-delay-ms",
         type=_int_at_least(0),
-        default=25,
+        default=100,
         metavar="MS",
         help="delay between two words (default %(default)s)",
     )
@@ -113,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (only: is it there)
     except ImportError:
         parser.exit(1, f"turnstream {args.command} needs uvicorn: pip install uvicorn\n")
     if args.command == "substrate":
@@ -138,24 +150,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "pip install 'turnstream[orchestrator]'\n",
             )
 
-    from ._demo import create_demo_app
+    if args.workers > 1 and args.redis is None:
+        # Each worker process would have a memory store of its own: no turn could be resumed
+        # by another worker, and a kill would lose the turn instead of showing a takeover.
+        parser.error("--workers above 1 needs --redis URL (the workers share turns through it)")
+
+    from ._demo._serve import serve as serve_demo
 
     try:
-        app = create_demo_app(
-            redis_url=args.redis,
-            tokens=args.tokens,
-            token_delay_ms=args.token_delay_ms,
-            lease_ms=args.lease_ms,
-            substrate_url=args.substrate,
+        return serve_demo(
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            settings={
+                "redis_url": args.redis,
+                "tokens": args.tokens,
+                "token_delay_ms": args.token_delay_ms,
+                "lease_ms": args.lease_ms,
+                "substrate_url": args.substrate,
+            },
         )
     except ValueError as exc:  # e.g. a --redis URL that is not one
         parser.error(str(exc))
-    config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="on")
-    server = uvicorn.Server(config)
-    server.run()
-    # uvicorn reports a failed start (port taken) by not having started. An unreachable Redis
-    # is no failed start: the demo serves 503s until it is back.
-    return 0 if server.started else 1
 
 
 if __name__ == "__main__":

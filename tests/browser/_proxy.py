@@ -11,6 +11,7 @@ witness of what reached the server, headers included.
 
 from __future__ import annotations
 
+import re
 import selectors
 import socket
 import struct
@@ -22,7 +23,7 @@ _POLL_S = 0.1  # how soon the threads notice close()
 _KEEP_SENT = 1 << 20  # bytes of browser → server traffic kept, in all
 
 
-_METHODS = frozenset({"GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH"})
+_REQUEST_LINE = re.compile(r"(?:GET|POST|HEAD|PUT|DELETE|OPTIONS|PATCH) /\S* HTTP/1\.[01]\r\n")
 
 
 class _Pair:
@@ -76,18 +77,16 @@ class CuttingProxy:
     def request_heads(self) -> list[list[str]]:
         """The request heads the browser sent, each a list of lines (request line first).
 
-        Good enough for this test's traffic: GETs and small JSON POSTs, one request at a time
-        per connection (a body never starts with a method name).
+        Found by their request lines anywhere in the traffic: a POST body has no line break
+        of its own, so the next request's line may follow it directly.
         """
         with self._lock:
             text = self._sent.decode("latin-1")
         heads = []
-        for chunk in text.split("\r\n\r\n"):
-            lines = chunk.split("\r\n")
-            # A POST body precedes the next head in the same chunk: skip to its request line.
-            starts = [i for i, line in enumerate(lines) if line.split(" ")[0] in _METHODS]
-            if starts:
-                heads.append(lines[starts[0] :])
+        for match in _REQUEST_LINE.finditer(text):
+            end = text.find("\r\n\r\n", match.start())
+            head = text[match.start() : end if end >= 0 else len(text)]
+            heads.append(head.split("\r\n"))
         return heads
 
     def close(self) -> None:

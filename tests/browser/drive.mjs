@@ -3,16 +3,21 @@
 // and reports what it saw. The assertions are the Python test's.
 //
 //   node drive.mjs '{"cdpUrl": "ws://…", "baseUrl": "http://127.0.0.1:…", "scenario": "cut",
-//                    "message": "…", "screenshot": "/tmp/….png"}'
+//                    "message": "…", "screenshot": "/tmp/….png", "speed": {"tokens": 9,
+//                    "delay": 20}, "midScreenshot": "/tmp/….png"}'
 //
 // It talks to the test in JSON lines: on stdout {"ask": "cut"} (the test cuts every
 // connection at its proxy, then answers with a line on stdin) and, last, {"result": {…}}.
 //
 // Scenarios:
-//   cut     every connection is cut mid-turn; the page's EventSource must reconnect by itself
-//           with Last-Event-ID. (DevTools' offline emulation cannot do this: it fails new
-//           requests only, and a response already streaming goes on streaming.)
-//   reload  the page is reloaded mid-turn and must resume the unfinished turn.
+//   cut     every connection is cut mid-turn; the page must resume with Last-Event-ID. (DevTools'
+//           offline emulation cannot do this: it fails new requests only, and a response
+//           already streaming goes on streaming.)
+//   reload  the page is reloaded mid-turn and must resume the unfinished turn (joined).
+//   replay  the page is left mid-turn and opened again once the turn has ended (replayed).
+//   speed   nothing disturbs the turn: it runs at the speed set on the page ("speed" option).
+//   switch  mid-turn, the user is switched to bob (who must not see guest's turn), then back.
+//   kill    mid-turn, "Kill this worker" is clicked; another worker must take the turn over.
 import { createInterface } from "node:readline";
 import { chromium } from "playwright-core";
 
@@ -61,15 +66,119 @@ const snapshot = (page) =>
     mode: document.getElementById("mode").textContent,
     seq: document.getElementById("seq").textContent,
     reconnects: document.getElementById("reconnects").textContent,
+    resumedFrom: document.getElementById("resumed-from").textContent,
+    worker: document.getElementById("worker").textContent,
+    connections: Array.from(document.querySelectorAll("#connections li"), (e) => ({
+      reason: e.dataset.reason, after: Number(e.dataset.after), mode: e.dataset.mode,
+      worker: e.dataset.worker, text: e.textContent,
+    })),
+    isolation: document.getElementById("isolation").textContent,
+    user: document.getElementById("user").value,
+    tenant: document.getElementById("tenant").value,
+    tokens: document.getElementById("tokens").value,
+    delay: document.getElementById("delay").value,
+    duration: document.getElementById("duration").textContent,
+    workersShown: !document.getElementById("workers-bar").hidden,
+    killShown: !document.getElementById("kill").hidden,
+    owner: document.getElementById("owner").textContent,
     state: document.getElementById("state").textContent,
     busy: document.getElementById("send").disabled,
   }));
 
+// Polled in the page itself (fast): the disturbance must come while the turn still runs.
+const waitForSeq = (page, n) =>
+  page.waitForFunction((n) => Number(document.getElementById("seq").textContent) >= n, n, {
+    polling: 10,
+    timeout: FINISH_TIMEOUT_MS,
+  });
+
+const waitForConnections = (page, n) =>
+  waitFor(
+    n + " connections on the page",
+    async () => (await snapshot(page)).connections.length >= n,
+    FINISH_TIMEOUT_MS,
+  );
+
+const scenarios = {
+  async cut(page, result) {
+    await waitForSeq(page, CUT_AFTER_SEQ);
+    result.before = await snapshot(page);
+    result.cutAt = Date.now();
+    result.cutAnswer = await ask("cut");
+    await waitForConnections(page, 2);
+    result.afterCut = await snapshot(page);
+  },
+  async reload(page, result) {
+    await waitForSeq(page, CUT_AFTER_SEQ);
+    result.before = await snapshot(page);
+    result.reloadAt = Date.now();
+    await page.reload({ waitUntil: "load" });
+    await waitForConnections(page, 2);
+    result.resumed = await snapshot(page);
+    if (options.midScreenshot) {
+      // Mid-turn, after the resume: the picture the README shows.
+      await sleep(600);
+      await page.screenshot({ path: options.midScreenshot });
+    }
+  },
+  async replay(page, result) {
+    await waitForSeq(page, CUT_AFTER_SEQ);
+    result.before = await snapshot(page);
+    result.leftAt = Date.now();
+    await page.goto("about:blank");
+    // Come back only once the server says the turn has ended.
+    const url = options.baseUrl + "/turns/" + encodeURIComponent(result.before.execution);
+    await waitFor(
+      "the turn to end on the server",
+      async () => (await (await fetch(url)).json()).status === "completed",
+      FINISH_TIMEOUT_MS,
+    );
+    result.backAt = Date.now();
+    await page.goto(options.baseUrl + "/", { waitUntil: "load" });
+  },
+  async speed(page, result) {
+    result.before = await snapshot(page);
+  },
+  async switch(page, result) {
+    await waitForSeq(page, CUT_AFTER_SEQ);
+    result.before = await snapshot(page);
+    await page.selectOption("#user", "bob");
+    await waitFor("the isolation probe", async () => (await snapshot(page)).isolation !== "", FINISH_TIMEOUT_MS);
+    result.asBob = await snapshot(page);
+    await page.selectOption("#tenant", "acme");
+    await page.selectOption("#user", "guest");
+    await waitFor(
+      "the isolation probe as guest@acme",
+      async () => (await snapshot(page)).isolation.startsWith("as guest@acme"),
+      FINISH_TIMEOUT_MS,
+    );
+    result.asOtherTenant = await snapshot(page);
+    await page.selectOption("#tenant", "demo");
+    result.switchedBackAt = Date.now();
+  },
+  async kill(page, result) {
+    // The button is enabled once the page knows which worker holds the turn's lease.
+    await page.waitForSelector("#kill:not([disabled])", { timeout: FINISH_TIMEOUT_MS });
+    await waitForSeq(page, CUT_AFTER_SEQ);
+    result.before = await snapshot(page);
+    result.killAt = Date.now();
+    await page.click("#kill");
+    await waitFor(
+      "the kill on the page",
+      async () => (await snapshot(page)).connections.some((c) => c.reason === "kill"),
+      FINISH_TIMEOUT_MS,
+    );
+    result.afterKill = await snapshot(page);
+  },
+};
+
 async function main() {
   const marks = { start: Date.now() };
+  const scenario = scenarios[options.scenario];
+  if (!scenario) throw new Error("unknown scenario " + options.scenario);
   const browser = await chromium.connectOverCDP(options.cdpUrl);
   marks.connected = Date.now();
-  const context = await browser.newContext({ viewport: { width: 900, height: 700 } });
+  const context = await browser.newContext({ viewport: { width: 900, height: 760 } });
   const result = { scenario: options.scenario, requests: [], samples: [], consoleErrors: [] };
   try {
     const page = await context.newPage();
@@ -77,18 +186,27 @@ async function main() {
       if (msg.type() === "error") result.consoleErrors.push(msg.text());
     });
     page.on("pageerror", (err) => result.consoleErrors.push(String(err)));
-    // Every request the page makes, with the headers the browser really sent: the witness
-    // that EventSource's own reconnect carried Last-Event-ID.
+    // Every request the page makes, with the headers the browser really sent.
     page.on("request", async (request) => {
-      const entry = { method: request.method(), url: request.url(), lastEventId: null, t: Date.now() };
+      const entry = { method: request.method(), url: request.url(), lastEventId: null, user: null, t: Date.now() };
       result.requests.push(entry);
       const headers = await request.allHeaders().catch(() => ({}));
       entry.lastEventId = headers["last-event-id"] ?? null;
+      entry.user = headers["x-demo-user"] ?? null;
+      entry.tenant = headers["x-demo-tenant"] ?? null;
     });
 
     await page.goto(options.baseUrl + "/", { waitUntil: "load" });
+    // The page fills its speed fields from /demo/config once it has loaded.
+    await page.waitForFunction(() => document.getElementById("tokens").value !== "");
     marks.loaded = Date.now();
+    result.initial = await snapshot(page);
+    if (options.speed) {
+      await page.fill("#tokens", String(options.speed.tokens));
+      await page.fill("#delay", String(options.speed.delay));
+    }
     await page.fill("#message", options.message);
+    marks.sent = Date.now();
     await page.click("#send");
 
     // Sample the live reply for the whole turn: each sample must be a prefix of the reply.
@@ -105,26 +223,7 @@ async function main() {
       }
     })();
 
-    // Polled in the page itself (fast): the cut must come while the turn is still running.
-    await page.waitForFunction(
-      (n) => Number(document.getElementById("seq").textContent) >= n,
-      CUT_AFTER_SEQ,
-      { polling: 10, timeout: FINISH_TIMEOUT_MS },
-    );
-    result.before = await snapshot(page);
-
-    if (options.scenario === "cut") {
-      result.cutAt = Date.now();
-      result.cutAnswer = await ask("cut");
-      await sleep(100);
-      result.afterCut = await snapshot(page);
-      await page.screenshot({ path: options.screenshot.replace(/\.png$/, "-after-cut.png") });
-    } else if (options.scenario === "reload") {
-      result.reloadAt = Date.now();
-      await page.reload({ waitUntil: "load" });
-    } else {
-      throw new Error("unknown scenario " + options.scenario);
-    }
+    await scenario(page, result);
 
     result.final = await waitFor(
       "the turn to finish on the page",
@@ -135,9 +234,9 @@ async function main() {
       FINISH_TIMEOUT_MS,
     );
     result.finishedAt = Date.now();
+    marks.finished = result.finishedAt;
     sampling = false;
     await sampler;
-    marks.finished = Date.now();
     await page.screenshot({ path: options.screenshot, fullPage: true });
     marks.screenshot = Date.now();
   } finally {

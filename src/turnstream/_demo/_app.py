@@ -8,13 +8,18 @@ owner, and the substrate's ``GET /agents/runs`` counts the runs it started.
     GET  /healthz                   readiness: 200 when the supervisor runs and the store
                                     answers, else a 503 problem document (``readiness``)
     POST /chat                      {"sessionId", "turnIndex", "message"} → the turn's stream
+                                    (``?tokens=N&tokenDelayMs=MS``: the page's speed control)
     POST /api/chat, GET /api/chat/{id}/stream   the AI SDK transport's routes (_ai_sdk.py)
     GET  /debug/producer-calls      how often the fake model started in this process
+    GET  /demo/config               the page's settings: default speed, workers, kill button
+    …    /demo/turns/{id}/owner|kill   which worker owns a turn; SIGKILL it (_workers.py; only
+                                    with several workers on a loopback address)
     …    /turns/{execution_id}…     resume / cancel / status (TurnstreamMiddleware)
 
 Tenant and user come from the ``X-Demo-Tenant`` / ``X-Demo-User`` headers (defaults ``demo``
 and ``guest``): the demo's stand-in for real auth, used alike by the chat route and by the
-middleware's ``authorize``.
+middleware's ``authorize``. Every answer names the worker process that served it
+(``X-Demo-Worker: <pid>``).
 
 The demo starts while its store is down (it logs a warning): turn requests answer 503
 problem documents with ``Retry-After`` until the store is back, then work without a restart.
@@ -24,10 +29,9 @@ A worker that refused to start would crash-loop through every store outage inste
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.resources
 import logging
-from collections import OrderedDict
+import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Final
 
@@ -51,6 +55,8 @@ from .._store import RunKey, TurnStore
 from .._supervisor import DEFAULT_LEASE_MS, Supervisor
 from ..stores import MemoryStore
 from ._ai_sdk import ai_sdk_routes
+from ._fake import MAX_TOKEN_DELAY_MS, MAX_TOKENS, ProducerCalls, Speed, fake_reply
+from ._workers import WorkerHeader, WorkerRegistry, worker_routes
 
 if TYPE_CHECKING:
     from ..adapters.orchestrator import OrchestratorAdapter
@@ -65,55 +71,7 @@ DEFAULT_USER: Final = "guest"
 TENANT_HEADER: Final = "X-Demo-Tenant"
 USER_HEADER: Final = "X-Demo-User"
 
-# 64 words, so two digest bytes modulo 64 pick each word without bias.
-VOCABULARY: Final = tuple(
-    "turn stream log lease pump reader replay resume event cursor worker redis durable "
-    "fenced idempotent ordered the a every each one no never always is was keeps joins "
-    "writes reads ends starts quietly exactly once again later now still here and but so "
-    "then because while after before client server token message session tenant model "
-    "answer bright calm steady small whole gentle honest simple".split()
-)
 _MAX_COMPONENT: Final = 256
-
-
-def fake_reply(message: str, tokens: int) -> list[str]:
-    """The fake model's reply to ``message``: ``tokens`` words, each followed by a space.
-
-    Deterministic: the words are drawn from a SHAKE-256 digest of the message, so the same
-    message always gets the same reply (in any process, on any Python).
-    """
-    if tokens < 0:
-        raise ValueError("tokens must not be negative")
-    digest = hashlib.shake_256(message.encode("utf-8", "surrogatepass")).digest(2 * tokens)
-    return [
-        VOCABULARY[int.from_bytes(digest[2 * i : 2 * i + 2], "big") % len(VOCABULARY)] + " "
-        for i in range(tokens)
-    ]
-
-
-class ProducerCalls:
-    """How many times the fake model started in this process, in total and per run.
-
-    This is the demo's witness that a replay or a join never prompts the model again: the
-    producer records itself when its first step runs, which is exactly when a real app would
-    call its LLM. The per-run counts keep the ``max_runs`` most recently started runs only
-    (bounded memory); ``total`` counts every start.
-    """
-
-    def __init__(self, *, max_runs: int = 4096) -> None:
-        self.total = 0
-        self.max_runs = max_runs
-        self._by_run: OrderedDict[RunKey, int] = OrderedDict()
-
-    def record(self, key: RunKey) -> None:
-        self.total += 1
-        self._by_run[key] = self._by_run.get(key, 0) + 1
-        self._by_run.move_to_end(key)
-        while len(self._by_run) > self.max_runs:
-            self._by_run.popitem(last=False)
-
-    def count(self, key: RunKey) -> int:
-        return self._by_run.get(key, 0)
 
 
 def _header_component(request: Request, header: str, default: str) -> str:
@@ -188,6 +146,8 @@ def create_demo_app(
     lease_ms: int = DEFAULT_LEASE_MS,
     limits: Limits | None = None,
     substrate_url: str | None = None,
+    workers: int = 1,
+    registry_dir: str | None = None,
 ) -> Starlette:
     """The demo as a Starlette app, with :class:`TurnstreamMiddleware` in its stack.
 
@@ -197,6 +157,13 @@ def create_demo_app(
     ``tokens`` words, one ``text-delta`` every ``token_delay_ms``. With ``substrate_url`` the
     turns go to the reference substrate at that URL instead (closed on shutdown), whose own
     ``--tokens`` and ``--token-delay-ms`` then apply; the fake model is not used.
+
+    A turn posted with ``?tokens=N&tokenDelayMs=MS`` (the page's speed control) runs at that
+    speed instead; the speed is part of the turn's input, so a restart keeps it.
+
+    ``workers`` is how many processes serve the demo (the page shows it); ``registry_dir``,
+    given by the command line for several workers on a loopback address only, turns on the
+    kill button's routes (``_workers.py``).
 
     ``app.state`` holds ``supervisor``, ``store``, ``producer_calls`` and ``adapter`` (or
     ``None``). Without a lifespan (``httpx.ASGITransport``), start the supervisor yourself:
@@ -208,6 +175,8 @@ def create_demo_app(
         raise ValueError("tokens must not be negative")
     if token_delay_ms < 0:
         raise ValueError("token_delay_ms must not be negative")
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
     adapter: OrchestratorAdapter | None = None
     if substrate_url is not None:
         # Imported here: the adapter needs httpx, which only the substrate mode does. Made
@@ -231,12 +200,15 @@ def create_demo_app(
         adapters=[adapter] if adapter is not None else (),
     )
     calls = ProducerCalls()
-    delay_s = token_delay_ms / 1000
+    default_speed = Speed(tokens, token_delay_ms)
+    registry = WorkerRegistry(registry_dir) if registry_dir is not None else None
     page = importlib.resources.files("turnstream._demo").joinpath("page.html").read_bytes()
 
     async def produce(context: TurnContext) -> AsyncIterator[dict[str, Any]]:
         calls.record(RunKey(context.identity.tenant_id, context.execution_id))
-        for word in fake_reply(str(context.input["message"]), tokens):
+        speed = Speed.from_input(context.input, default_speed)
+        delay_s = speed.token_delay_ms / 1000
+        for word in fake_reply(str(context.input["message"]), speed.tokens):
             await anyio.sleep(delay_s)  # also a cancellation point when the delay is 0
             yield {"type": "text-delta", "delta": word}
 
@@ -246,6 +218,7 @@ def create_demo_app(
     async def chat(request: Request) -> Response:
         try:
             principal = demo_principal(request)
+            speed = Speed.from_query(request.query_params)
             body = await ChatTurnRequest.read(request, limits=supervisor.limits)
             identity = TurnIdentity(
                 tenant_id=principal.tenant_id,
@@ -256,9 +229,13 @@ def create_demo_app(
             )
         except TurnstreamError as exc:
             return problem_for_exception(exc)
+        # Without a speed the input is the message alone, as the AI SDK door posts it.
+        turn_input: dict[str, object] = {"message": body.message}
+        if speed is not None and adapter is None:
+            turn_input.update(speed.to_input())
         result = await handle_chat_turn(
             identity,
-            {"message": body.message},
+            turn_input,
             supervisor=supervisor,
             produce=produce if adapter is None else None,
             adapter=adapter,
@@ -282,15 +259,35 @@ def create_demo_app(
             document["calls"] = calls.count(RunKey(principal.tenant_id, execution_id))
         return _json(document)
 
+    async def config(request: Request) -> Response:
+        """What the page needs to draw its controls: the speed, the workers, the kill button."""
+        return _json(
+            {
+                "tokens": tokens,
+                "tokenDelayMs": token_delay_ms,
+                "maxTokens": MAX_TOKENS,
+                "maxTokenDelayMs": MAX_TOKEN_DELAY_MS,
+                "speedControl": adapter is None,  # the substrate has its own speed
+                "leaseMs": lease_ms,
+                "workers": workers,
+                "worker": os.getpid(),
+                "kill": registry is not None,
+            }
+        )
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # The middleware has started the supervisor by now (it needs no store round trip)
         # and stops it before this resumes on shutdown, so the store outlives every pump.
         try:
+            if registry is not None:
+                registry.register(supervisor.worker_id)
             if owns_store:
                 await _warn_if_unreachable(turn_store)
             yield
         finally:
+            if registry is not None:
+                registry.unregister(supervisor.worker_id)
             if owns_store:
                 await turn_store.aclose()
             if adapter is not None:
@@ -302,6 +299,12 @@ def create_demo_app(
             Route("/healthz", readiness(supervisor), methods=["GET", "HEAD"]),
             Route("/chat", chat, methods=["POST"]),
             Route("/debug/producer-calls", producer_calls, methods=["GET"]),
+            Route("/demo/config", config, methods=["GET"]),
+            *(
+                worker_routes(supervisor=supervisor, registry=registry, authorize=demo_principal)
+                if registry is not None
+                else ()
+            ),
             *ai_sdk_routes(
                 supervisor=supervisor,
                 project_id=PROJECT_ID,
@@ -311,7 +314,8 @@ def create_demo_app(
             ),
         ],
         middleware=[
-            Middleware(TurnstreamMiddleware, supervisor=supervisor, authorize=demo_principal)
+            Middleware(WorkerHeader),  # outermost: the turn routes' answers carry it too
+            Middleware(TurnstreamMiddleware, supervisor=supervisor, authorize=demo_principal),
         ],
         lifespan=lifespan,
     )
