@@ -38,6 +38,9 @@ class Outbox(Generic[End]):
         self.end: End | None = None
         self._readable = Signal()
         self._writable = Signal()
+        # The producer waits for room (the log is behind or away): it is not silent, the
+        # stall watchdog must not count this against it.
+        self.put_waiting = False
 
     @property
     def size_bytes(self) -> int:
@@ -56,10 +59,15 @@ class Outbox(Generic[End]):
         """Add ``event``; wait while the outbox is full (the log is behind or away)."""
         if self._closed:
             return  # discarded: the turn ends without what comes now
-        while self._full_for(event):
-            await self._writable.wait()
-            if self._closed:
-                return
+        if self._full_for(event):
+            self.put_waiting = True
+            try:
+                while self._full_for(event):
+                    await self._writable.wait()
+                    if self._closed:
+                        return
+            finally:
+                self.put_waiting = False
         self._items.append(event)
         self._bytes += len(event.data)
         self._readable.notify_all()

@@ -51,6 +51,10 @@ class _TooManyEvents(Exception):
     pass
 
 
+class _Stalled(Exception):
+    pass
+
+
 @dataclass(frozen=True, slots=True)
 class Failure:
     code: str
@@ -68,6 +72,13 @@ class Producing:
         # The substrate's id of the last event seen: where a re-attach resumes.
         self.source_cursor: str | None = None
         self._produced = 0
+        # The stall watch (see check_stall): no per-event clock reads, only a snapshot of
+        # _produced that the supervisor's heartbeat compares.
+        self._outbox: Outbox[Failure] | None = None
+        self._stream_scope: anyio.CancelScope | None = None
+        self._stalled = False
+        self._saving_handle = False
+        self._seen = (-1, 0.0)  # (_produced, loop time it was first seen at that count)
 
     # -- ids -------------------------------------------------------------------------------
 
@@ -87,10 +98,43 @@ class Producing:
         if event.event_id.startswith(prefix):
             self.source_cursor = event.event_id[len(prefix) :]
 
+    # -- the stall watch -------------------------------------------------------------------
+
+    def check_stall(self, now: float, timeout_s: float) -> bool:
+        """Called by the supervisor's heartbeat: True when the source was stopped for silence.
+
+        Silent means no event for ``timeout_s`` while nothing of ours held the source back
+        (a full outbox, the handle being saved while the store is away). A producer is then
+        stopped and the turn fails with ``stalled``; a substrate is re-attached once first.
+        """
+        outbox, scope = self._outbox, self._stream_scope
+        if outbox is None or scope is None or self._stalled:
+            return False
+        if self._produced != self._seen[0] or outbox.put_waiting or self._saving_handle:
+            self._seen = (self._produced, now)
+            return False
+        if now - self._seen[1] < timeout_s:
+            return False
+        self._stalled = True
+        scope.cancel()
+        return True
+
+    async def _watched(self, stream: AsyncIterator[Any], outbox: Outbox[Failure]) -> bool:
+        """Forward ``stream``; False when the stall watch stopped it (``_stalled`` is set)."""
+        with anyio.CancelScope() as scope:
+            self._stream_scope = scope
+            self._seen = (self._produced, anyio.current_time())
+            try:
+                await self._forward(stream, outbox, from_adapter=self.adapter is not None)
+            finally:
+                self._stream_scope = None
+        return not scope.cancelled_caught
+
     # -- driving ---------------------------------------------------------------------------
 
     async def run(self, outbox: Outbox[Failure]) -> None:
         end: Failure | None = None
+        self._outbox = outbox
         try:
             if self.adapter is not None:
                 await self._drive_adapter(self.adapter, outbox)
@@ -102,6 +146,8 @@ class Producing:
             end = Failure("invalid_event", str(exc))
         except _TooManyEvents as exc:
             end = Failure("too_many_events", str(exc))
+        except _Stalled as exc:
+            end = Failure("stalled", str(exc), True)
         except SubstrateCancelled:
             # In the stream, after what was produced before it: the turn ends cancelled.
             end = Failure(CANCELLED_CODE, "the substrate cancelled the run")
@@ -127,11 +173,17 @@ class Producing:
             input=pump.input,
             attempt=pump.attempt,
         )
-        await self._forward(produce(context), outbox, from_adapter=False)
+        if not await self._watched(produce(context), outbox):
+            raise _Stalled(self._stall_message())
+
+    def _stall_message(self) -> str:
+        timeout_s = self.pump.supervisor.stall_timeout_s
+        return f"the {'substrate' if self.adapter else 'producer'} sent nothing for {timeout_s:g} s"
 
     async def _drive_adapter(self, adapter: ReconnectAdapter, outbox: Outbox[Failure]) -> None:
         pump = self.pump
         failures = 0
+        stalls = 0
         while True:
             if pump.mode == "resume" or (self.handle is not None and self._produced > 0):
                 assert self.handle is not None
@@ -147,8 +199,8 @@ class Producing:
                 )
             before = self._produced
             try:
-                await self._forward(stream, outbox, from_adapter=True)
-                return
+                if await self._watched(stream, outbox):
+                    return
             except (
                 SubstrateFailed,
                 SubstrateCancelled,
@@ -171,14 +223,32 @@ class Producing:
                     self.source_cursor,
                 )
                 await anyio.sleep(0.05 * 2**failures)
+                continue
+            # Silent for stall_timeout_s: a connection can hang without breaking (a proxy
+            # that lost its upstream), so re-attach once; silent again, the run is stuck.
+            stalls += 1
+            if self.handle is None or stalls > 1:
+                raise _Stalled(self._stall_message())
+            self._stalled = False
+            logger.warning(
+                "substrate stream of %s was silent for %g s; re-attaching after %s",
+                pump.key.execution_id,
+                pump.supervisor.stall_timeout_s,
+                self.source_cursor,
+            )
 
     async def _save_handle(self, handle: RunHandle) -> None:
         pump = self.pump
         store = pump.supervisor.store
         data = handle.to_json()
-        await pump._retrying(
-            lambda: store.set_handle(pump.key, pump.lease, data), pump.supervisor.store_retry_s
-        )
+        self._saving_handle = True
+        try:
+            await pump._retrying(
+                lambda: store.set_handle(pump.key, pump.lease, data),
+                pump.supervisor.store_retry_s,
+            )
+        finally:
+            self._saving_handle = False
         self.handle = handle
         fault_point("pump.after_handle")
 

@@ -70,6 +70,10 @@ class Supervisor:
     * ``persist_after_ms`` — a finished turn whose ``persist_assistant_message`` has not
       confirmed within this long is persisted by the sweeper of any worker.
     * ``sweep_interval_ms`` — how often the sweeper looks (default ``lease_ms / 2``).
+    * ``stall_timeout_s`` — a producer or substrate that sends nothing for this long (while
+      nothing of turnstream's holds it back) is stalled: a substrate is re-attached once
+      after its last event, then the turn fails in-band (``error`` ``stalled``, retryable).
+      Checked at every heartbeat, so it fires up to ``heartbeat_ms`` late. ``None``: never.
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class Supervisor:
         outage_notice_s: float = 5.0,
         orphan_after_ms: int = 60_000,
         persist_after_ms: int = 30_000,
+        stall_timeout_s: float | None = 120.0,
     ) -> None:
         if lease_ms < 30:
             raise ValueError("lease_ms must be at least 30")
@@ -96,6 +101,8 @@ class Supervisor:
             raise ValueError("store_retry_s must not be negative, outage_notice_s positive")
         if orphan_after_ms < 0 or persist_after_ms < 1:
             raise ValueError("orphan_after_ms must not be negative, persist_after_ms positive")
+        if stall_timeout_s is not None and not stall_timeout_s > 0:
+            raise ValueError("stall_timeout_s must be positive (or None: no stall watch)")
         self.store: TurnStore = store if store is not None else MemoryStore()
         self.lease_ms = lease_ms
         self.heartbeat_ms = heartbeat_ms if heartbeat_ms is not None else max(lease_ms // 3, 10)
@@ -109,6 +116,7 @@ class Supervisor:
         self.outage_notice_s = outage_notice_s
         self.orphan_after_ms = orphan_after_ms
         self.persist_after_ms = persist_after_ms
+        self.stall_timeout_s = stall_timeout_s
         self.writer = LogWriter(self.store)
         self._adapters: dict[str, ReconnectAdapter] = {}
         for adapter in adapters:
@@ -373,6 +381,7 @@ class Supervisor:
         retry = _RENEW_RETRY_FIRST_S
         while True:
             await anyio.sleep(delay)
+            self._check_stalls()
             if await self._renew_all(list(self._pumps.values())):
                 # Some renewal got no answer: try again soon, so that an owner cut off by an
                 # outage renews before anyone else's request sees its lease lapsed.
@@ -380,6 +389,17 @@ class Supervisor:
                 retry *= 2
             else:
                 delay, retry = self.heartbeat_ms / 1000, _RENEW_RETRY_FIRST_S
+
+    def _check_stalls(self) -> None:
+        timeout_s = self.stall_timeout_s
+        if timeout_s is None:
+            return
+        now = anyio.current_time()
+        for pump in self._pumps.values():
+            if pump.producing.check_stall(now, timeout_s):
+                logger.warning(
+                    "%s sent nothing for %g s: stalled", pump.key.execution_id, timeout_s
+                )
 
     async def _renew_all(self, pumps: Sequence[Pump]) -> bool:
         """Renew every pump's lease in one store round trip; True when some got no answer."""
