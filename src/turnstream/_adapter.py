@@ -91,7 +91,8 @@ class ReconnectAdapter(Protocol):
     * ``start`` yields, as early as it can, an event carrying the :class:`RunHandle`
       (whose ``kind`` is ``adapter.kind``). If the worker dies before that event is logged,
       the next request calls ``start`` again for the same execution id: a substrate that
-      is idempotent on it (DESIGN §8) attaches; any other starts a second run.
+      is idempotent on it (see docs/substrate-protocol.md) attaches; any other starts a
+      second run.
     * ``attach`` yields only events strictly after ``after_event_id`` (``None``: from the
       start of the run); attached after the last event, it still ends with the outcome.
     * Event ids are unique within a run, at most 256 characters, and never start with
@@ -103,6 +104,16 @@ class ReconnectAdapter(Protocol):
       :class:`SubstrateFailed`.
     * ``cancel`` asks the substrate to stop the run: idempotent, silent for a finished or
       unknown run; it may raise when the substrate cannot be reached (the pump logs it).
+
+    Two optional methods, looked up by name:
+
+    * ``handle_for(request: StartRequest) -> RunHandle | None`` — the handle of the run
+      ``start(request)`` makes, without starting it, for a substrate that names its runs by
+      execution id. A turn cancelled before ``start`` yielded its handle then still reaches
+      the substrate (``cancel(handle_for(request))``); without it, such a cancel ends the turn
+      but the substrate run goes on.
+    * ``async aclose()`` — release what the adapter holds (HTTP clients…): the supervisor
+      calls it on every registered adapter when it stops.
     """
 
     kind: str

@@ -176,6 +176,16 @@ class Producing:
         if not await self._watched(produce(context), outbox):
             raise _Stalled(self._stall_message())
 
+    def start_request(self) -> StartRequest:
+        """What ``adapter.start`` is given for this attempt (and ``adapter.handle_for``)."""
+        pump = self.pump
+        return StartRequest(
+            execution_id=pump.key.execution_id,
+            identity=pump.identity,
+            input=pump.input,
+            attempt=pump.attempt,
+        )
+
     def _stall_message(self) -> str:
         timeout_s = self.pump.supervisor.stall_timeout_s
         return f"the {'substrate' if self.adapter else 'producer'} sent nothing for {timeout_s:g} s"
@@ -189,14 +199,7 @@ class Producing:
                 assert self.handle is not None
                 stream = adapter.attach(self.handle, self.source_cursor)
             else:
-                stream = adapter.start(
-                    StartRequest(
-                        execution_id=pump.key.execution_id,
-                        identity=pump.identity,
-                        input=pump.input,
-                        attempt=pump.attempt,
-                    )
-                )
+                stream = adapter.start(self.start_request())
             before = self._produced
             try:
                 if await self._watched(stream, outbox):

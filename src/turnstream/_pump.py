@@ -383,8 +383,24 @@ class Pump:
 
     async def _cancel_substrate(self) -> None:
         adapter, handle = self.producing.adapter, self.producing.handle
-        if adapter is None or handle is None:
+        if adapter is None:
             return
+        if handle is None:
+            # Cancelled before the substrate yielded its handle: an adapter whose substrate
+            # names runs by execution id can still say which run to cancel.
+            handle_for = getattr(adapter, "handle_for", None)
+            if handle_for is not None:
+                try:
+                    handle = handle_for(self.producing.start_request())
+                except Exception:
+                    logger.exception("adapter.handle_for failed for %s", self.key.execution_id)
+            if handle is None:
+                logger.info(
+                    "%s was cancelled before its substrate run had a handle; the run is not "
+                    "cancelled there",
+                    self.key.execution_id,
+                )
+                return
         with anyio.move_on_after(_CANCEL_TIMEOUT_S, shield=True):
             try:
                 await adapter.cancel(handle)

@@ -40,6 +40,7 @@ logger = logging.getLogger("turnstream.supervisor")
 DEFAULT_LEASE_MS = 10_000
 _LOOP_RESTART_S = 1.0
 _RENEW_RETRY_FIRST_S = 0.05
+_ADAPTER_CLOSE_S = 5.0  # per adapter, when the supervisor stops
 
 
 def _default_worker_id() -> str:
@@ -183,8 +184,22 @@ class Supervisor:
                 tg.cancel_scope.cancel()
         finally:
             self._tg = None
+            await self._close_adapters()
             ready.set()
             self._done.set()
+
+    async def _close_adapters(self) -> None:
+        # Shielded and bounded: this runs when the server cancels the lifespan too.
+        with anyio.CancelScope(shield=True):
+            for adapter in self._adapters.values():
+                aclose = getattr(adapter, "aclose", None)
+                if aclose is None:
+                    continue
+                with anyio.move_on_after(_ADAPTER_CLOSE_S):
+                    try:
+                        await aclose()
+                    except Exception:
+                        logger.exception("closing the %s adapter failed", adapter.kind)
 
     async def _keep_running(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         while True:

@@ -397,6 +397,12 @@ class FakeSubstrateAdapter:
         async for event in self._follow(run, _position(after_event_id), None):
             yield event
 
+    def handle_for(self, request: StartRequest) -> RunHandle | None:
+        """The handle of the run for ``request.execution_id``, if the substrate has one (it
+        starts one run per execution id, so the id finds it without the handle)."""
+        run = self.substrate._runs.get(request.execution_id)
+        return None if run is None else RunHandle(self.kind, run.run_id)
+
     async def cancel(self, handle: RunHandle) -> None:
         substrate = self.substrate
         substrate.cancel_calls += 1

@@ -138,6 +138,11 @@ class OrchestratorAdapter:
 
     # -- the protocol ----------------------------------------------------------------------
 
+    def handle_for(self, request: StartRequest) -> RunHandle:
+        """The substrate names a run by its execution id, so the handle is known up front:
+        a turn cancelled before ``start`` yielded it still cancels the substrate run."""
+        return RunHandle(self.kind, request.execution_id, {"baseUrl": self.base_url})
+
     async def start(self, request: StartRequest) -> AsyncIterator[SupervisedEvent]:
         """Start the turn's run (or, when the substrate has it already, attach from its start).
 
@@ -145,7 +150,7 @@ class OrchestratorAdapter:
         ``execution.started``, sent before any text.
         """
         body = dict(self.build_body(request))
-        handle = RunHandle(self.kind, request.execution_id, {"baseUrl": self.base_url})
+        handle = self.handle_for(request)
         async for event in self._stream(request.execution_id, body, None, handle):
             yield event
 
