@@ -169,6 +169,18 @@ const scenarios = {
       FINISH_TIMEOUT_MS,
     );
     result.afterKill = await snapshot(page);
+    if (options.midScreenshot) {
+      // Mid-turn, once another worker restarted it: the picture the README shows.
+      await waitFor(
+        "the takeover on the page",
+        async () => (await snapshot(page)).connections.some((c) => c.reason === "takeover"),
+        FINISH_TIMEOUT_MS,
+      );
+      await waitForSeq(page, (await snapshot(page)).connections.at(-1).after + 12);
+      await waitFor("the new owner", async () => (await snapshot(page)).owner.endsWith("attempt 2"), FINISH_TIMEOUT_MS);
+      const bottom = await page.evaluate(() => document.getElementById("composer").getBoundingClientRect().bottom);
+      await page.screenshot({ path: options.midScreenshot, clip: { x: 0, y: 0, width: 900, height: Math.ceil(bottom) + 16 }, animations: "disabled" });
+    }
   },
 };
 

@@ -516,7 +516,8 @@ def test_kill_this_worker_another_worker_takes_the_turn_over(
     message = "the worker running this turn is killed mid-reply"
     proxy = CuttingProxy(two_workers.port)
     try:
-        result = drive(node, chromium, proxy, "kill", message, speed=None)
+        mid = Path(tempfile.gettempdir()) / "turnstream-browser-takeover.png"
+        result = drive(node, chromium, proxy, "kill", message, midScreenshot=str(mid))
     finally:
         proxy.close()
 
