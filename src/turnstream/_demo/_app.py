@@ -43,12 +43,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .._exceptions import InvalidTurnInput, StoreError, TurnstreamError
+from .._exceptions import StoreError, TurnstreamError
 from .._handler import handle_chat_turn
 from .._health import DEFAULT_READINESS_TIMEOUT_S, readiness
 from .._hooks import Limits, TurnContext
 from .._identity import TurnIdentity
-from .._middleware import Principal, TurnstreamMiddleware
+from .._middleware import TurnstreamMiddleware
 from .._problems import problem_for_exception
 from .._requests import ChatTurnRequest
 from .._store import RunKey, TurnStore
@@ -56,6 +56,7 @@ from .._supervisor import DEFAULT_LEASE_MS, Supervisor
 from ..stores import MemoryStore
 from ._ai_sdk import ai_sdk_routes
 from ._fake import MAX_TOKEN_DELAY_MS, MAX_TOKENS, ProducerCalls, Speed, fake_reply
+from ._principal import demo_principal
 from ._workers import WorkerHeader, WorkerRegistry, worker_routes
 
 if TYPE_CHECKING:
@@ -66,39 +67,6 @@ __all__ = ["PROJECT_ID", "ProducerCalls", "create_demo_app", "fake_reply"]
 logger = logging.getLogger("turnstream.demo")
 
 PROJECT_ID: Final = "demo"
-DEFAULT_TENANT: Final = "demo"
-DEFAULT_USER: Final = "guest"
-TENANT_HEADER: Final = "X-Demo-Tenant"
-USER_HEADER: Final = "X-Demo-User"
-
-_MAX_COMPONENT: Final = 256
-
-
-def _header_component(request: Request, header: str, default: str) -> str:
-    value = request.headers.get(header)
-    if value is None:
-        return default
-    # Checked here rather than left to TurnIdentity so that the turn routes (which build no
-    # identity) refuse the same values the chat route does, naming the header.
-    if (
-        not value
-        or len(value) > _MAX_COMPONENT
-        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
-    ):
-        raise InvalidTurnInput(
-            f"{header} must be 1 to {_MAX_COMPONENT} printable characters", field=header
-        )
-    return value
-
-
-def demo_principal(request: Request) -> Principal:
-    """The demo's stand-in for auth: who is asking, from two headers."""
-    return Principal(
-        tenant_id=_header_component(request, TENANT_HEADER, DEFAULT_TENANT),
-        user_id=_header_component(request, USER_HEADER, DEFAULT_USER),
-    )
-
-
 def _json(value: object, *, status: int = 200) -> Response:
     return Response(
         orjson.dumps(value),
