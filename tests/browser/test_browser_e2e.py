@@ -25,6 +25,7 @@ import queue
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -550,3 +551,63 @@ def test_kill_this_worker_another_worker_takes_the_turn_over(
         samples_are_prefixes=False,  # the restart voids the dead attempt's text
     )
     assert result["final"]["notes"] == ["restarted (attempt 2)"]
+
+
+@pytest.fixture
+def two_workers_on_a_substrate(node: str, redis_server: Any) -> Iterator[ServerProcess]:
+    substrate_argv = [
+        sys.executable,
+        *"-m turnstream.adapters.orchestrator --host 127.0.0.1 --port {port}".split(),
+        *f"--tokens {KILL_TOKENS} --token-delay-ms {KILL_TOKEN_DELAY_MS}".split(),
+        *"--log-level warning".split(),
+    ]
+    with running("substrate", substrate_argv, health_path="/agents/runs") as substrate:
+        argv = demo_argv(
+            "--workers", "2", "--redis", redis_server.url, "--lease-ms", str(KILL_LEASE_MS),
+            "--substrate", substrate.base_url,
+        )
+        with running("demo-on-substrate", argv) as server:
+            server.substrate = substrate  # type: ignore[attr-defined]
+            yield server
+
+
+def test_kill_this_worker_on_a_substrate_another_worker_reattaches_the_same_run(
+    node: str, two_workers_on_a_substrate: ServerProcess, chromium: str
+) -> None:
+    """With ``--substrate`` the run outlives its worker: another worker re-attaches to it
+    after the last logged event, so the reply goes on where it was, with no second attempt
+    and no second start on the substrate."""
+    demo = two_workers_on_a_substrate
+    message = "the worker following a substrate run is killed mid-reply"
+    proxy = CuttingProxy(demo.port)
+    try:
+        result = drive(node, chromium, proxy, "kill", message)
+    finally:
+        proxy.close()
+
+    assert result["initial"]["killShown"]
+    (send,) = result["before"]["connections"]
+    owner = send["worker"]
+    final = result["final"]["connections"]
+    assert [c["worker"] for c in final if c["reason"] == "kill"] == [owner]
+    assert _gone(int(owner)), f"worker {owner} is still alive"
+    after = final[2:]
+    assert after and all(c["worker"] != owner for c in after), final
+    # A resume, never a takeover POST: nothing restarted.
+    assert all(c["reason"] == "cut" and c["mode"] in ("joined", "resumed") for c in after), after
+    execution_id = result["final"]["execution"]
+    run = turn_record(demo, execution_id).json()
+    assert (run["status"], run["attempt"]) == ("completed", 1)
+    # The substrate's words, and the worker's lifecycle events around them (a re-attach adds
+    # one of its own), each logged once.
+    assert run["lastSeq"] >= KILL_TOKENS + 2
+    substrate = demo.substrate  # type: ignore[attr-defined]
+    runs = httpx.get(f"{substrate.base_url}/agents/runs", timeout=5).json()
+    assert runs["runs"][execution_id]["started"] == 1
+    check_reply_on_page(
+        result,
+        message,
+        str(run["finalText"]),
+        disturbed=True,
+        posts=("/chat", f"/demo/turns/{quote(execution_id, safe='')}/kill"),
+    )
