@@ -13,6 +13,7 @@
 //   cut     every connection is cut mid-turn; the page must resume with Last-Event-ID. (DevTools'
 //           offline emulation cannot do this: it fails new requests only, and a response
 //           already streaming goes on streaming.)
+//   drop    "Drop connection" is clicked mid-turn: the page closes its stream and resumes.
 //   reload  the page is reloaded mid-turn and must resume the unfinished turn (joined).
 //   replay  the page is left mid-turn and opened again once the turn has ended (replayed).
 //   speed   nothing disturbs the turn: it runs at the speed set on the page ("speed" option).
@@ -107,6 +108,12 @@ const scenarios = {
     result.cutAnswer = await ask("cut");
     await waitForConnections(page, 2);
     result.afterCut = await snapshot(page);
+  },
+  async drop(page, result) {
+    await waitForSeq(page, CUT_AFTER_SEQ);
+    result.before = await snapshot(page);
+    await page.click("#drop");
+    await waitForConnections(page, 2);
   },
   async reload(page, result) {
     await waitForSeq(page, CUT_AFTER_SEQ);

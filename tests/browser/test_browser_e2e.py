@@ -374,6 +374,22 @@ def test_connection_cut_mid_turn_resumes_with_last_event_id_and_shows_it(
     assert elapsed < DRIVE_TIMEOUT_S
 
 
+def test_drop_connection_resumes_after_the_last_event_held(
+    node: str, demo: ServerProcess, proxy: CuttingProxy, chromium: str
+) -> None:
+    message = "a person drops the connection by hand"
+    result = drive(node, chromium, proxy, "drop", message)
+
+    reply = expected_reply(demo, result["final"]["execution"], message)
+    check_reply_on_page(result, message, reply)
+    held = int(result["before"]["seq"])
+    assert held < TOKENS + 2, "the drop came after the turn had ended"
+    assert connections(result["final"]) == [("send", "fresh"), ("drop", "joined")]
+    (stream,) = stream_requests(result)
+    assert int(stream["lastEventId"]) >= held
+    assert result["final"]["reconnects"] == "1"
+
+
 def test_reload_mid_turn_resumes_joined_and_shows_the_reply_once(
     node: str, demo: ServerProcess, proxy: CuttingProxy, chromium: str
 ) -> None:
