@@ -1,7 +1,7 @@
 """The ``turnstream`` command (also ``python -m turnstream``).
 
     turnstream demo [--redis URL [--workers N]] [--substrate URL] …   the demo chat app
-    turnstream substrate [--port P] …                   the reference substrate (DESIGN §8)
+    turnstream substrate [--port P] …                   the reference substrate
 
 Both serve under uvicorn on 127.0.0.1 unless told otherwise.
 """
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "substrate",
         help="serve the reference substrate that `demo --substrate` talks to",
         description=(
-            "Serve the reference substrate (DESIGN §8): runs that outlive their clients, "
+            "Serve the reference substrate: runs that outlive their clients, "
             "one per execution id, re-attachable after any event id."
         ),
     )

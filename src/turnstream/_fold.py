@@ -1,4 +1,4 @@
-"""The turn's text: the fold of its log (DESIGN §3.8), as the pump keeps it up to date.
+"""The turn's text: the fold of its log (docs/lifecycle.md), as the pump keeps it up to date.
 
 With the default fold (``accumulate_text_deltas``) each delta is appended to a list and the
 text joined when asked for: a turn of n deltas costs O(n), where ``text + delta`` each time

@@ -46,7 +46,7 @@ Producer = Callable[[TurnContext], AsyncIterator[Mapping[str, Any] | SupervisedE
 
 
 class TextAccumulator(Protocol):
-    """Folds the log's events into the turn's final text (DESIGN §3.8)."""
+    """Folds the log's events into the turn's final text (docs/lifecycle.md)."""
 
     def __call__(self, text: str, event: Mapping[str, Any]) -> str: ...
 
@@ -83,7 +83,7 @@ class TurnHooks:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Bounds on what a turn may take and hold (DESIGN §3.9). All configurable."""
+    """Bounds on what a turn may take and hold (docs/configuration.md, Limits). All configurable."""
 
     max_body_bytes: int = 1024 * 1024
     max_message_chars: int = 100_000

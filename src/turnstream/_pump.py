@@ -278,7 +278,7 @@ class Pump:
     async def _catch_up(self, *, publish: bool) -> None:
         """Fold (and publish) what the log holds after ``last_seq``.
 
-        After a takeover: what earlier owners logged (DESIGN §3.8), and where a re-attach
+        After a takeover: what earlier owners logged (docs/lifecycle.md), and where a re-attach
         resumes. After an abandoned batch: whatever of it landed although no reply said so.
         """
         while True:

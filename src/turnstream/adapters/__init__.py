@@ -1,4 +1,4 @@
-"""Reconnect adapters, one package per substrate (DESIGN §8, §9).
+"""Reconnect adapters, one package per substrate (docs/writing-an-adapter.md).
 
 Each passes :class:`turnstream.testing.AdapterConformance`. Import the one you use by its
 package (``turnstream.adapters.orchestrator``…): nothing here imports a substrate's SDK.

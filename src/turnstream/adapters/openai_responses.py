@@ -269,7 +269,7 @@ class OpenAIResponsesAdapter:
         raise AdapterError(f"the stream of OpenAI response {response_id} ended early ({status})")
 
     def _verify_text(self, response: object, streamed: str, *, whole: bool) -> None:
-        # The final text is what the deltas assembled to, as logged and delivered (DESIGN §3.8);
+        # The final text is what the deltas assembled to, as logged and delivered;
         # a difference from OpenAI's own output means deltas were lost or doubled. Failing the
         # turn now would not take back what clients already saw, so it is reported, not raised.
         final = _output_text(response)

@@ -1,6 +1,6 @@
 """``FakeSubstrate``: an in-process substrate and its reconnect adapter, for tests.
 
-It behaves like the reference substrate (DESIGN §8) without HTTP: one run per execution id,
+It behaves like the reference substrate without HTTP: one run per execution id,
 runs that go on whether or not anyone is attached, event ids unique within a run, replay
 after any id, idempotent cancel. Tests steer it:
 

@@ -1,4 +1,4 @@
-"""The reference orchestrator: its substrate server and its reconnect adapter (DESIGN §8).
+"""The reference orchestrator: its substrate server and its reconnect adapter.
 
 * :func:`create_substrate_app` — the reference substrate as a Starlette app; run it with
   ``python -m turnstream.adapters.orchestrator`` or ``turnstream substrate``.

@@ -69,7 +69,7 @@ def default_body(request: StartRequest) -> dict[str, Any]:
 
 
 class OrchestratorAdapter:
-    """A :class:`~turnstream.ReconnectAdapter` for a substrate at ``base_url`` (DESIGN §8).
+    """A :class:`~turnstream.ReconnectAdapter` for a substrate at ``base_url``.
 
     * ``client`` — an ``httpx.AsyncClient`` to share; without one the adapter makes its own
       and closes it in :meth:`aclose` (``async with OrchestratorAdapter(url) as adapter``).

@@ -95,7 +95,7 @@ def serve(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m turnstream.adapters.orchestrator",
-        description="Serve the reference substrate (DESIGN §8) for OrchestratorAdapter.",
+        description="Serve the reference substrate for OrchestratorAdapter.",
     )
     add_substrate_arguments(parser)
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""The reference substrate protocol's event vocabulary (DESIGN §8), shared by both ends."""
+"""The reference substrate protocol's event vocabulary, shared by both ends."""
 
 from __future__ import annotations
 

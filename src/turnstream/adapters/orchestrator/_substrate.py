@@ -1,4 +1,4 @@
-"""The reference substrate (DESIGN §8): a sandbox orchestrator in miniature, over HTTP.
+"""The reference substrate: a sandbox orchestrator in miniature, over HTTP.
 
     POST /agents/run/stream           header X-Execution-ID, body {"prompt", "session", "options"}
                                       → the run as SSE, from its start or after Last-Event-ID

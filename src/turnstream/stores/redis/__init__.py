@@ -1,4 +1,4 @@
-"""The Redis store (DESIGN §7): ``RedisStore`` and the ``RedisSettings`` its ``from_url`` uses."""
+"""The Redis store: ``RedisStore`` and the ``RedisSettings`` its ``from_url`` uses."""
 
 from ._settings import RedisSettings
 from ._store import RedisStore

@@ -1,4 +1,4 @@
-"""Blocking reads of many run logs, shared by every follower in one process (DESIGN §7).
+"""Blocking reads of many run logs, shared by every follower in one process (docs/configuration.md).
 
 One ``XREAD BLOCK`` per remote reader would hold a connection per reader, and the pool runs
 out long before the readers do. A :class:`StreamFollower` keeps a few *lanes* instead: one

@@ -1,4 +1,4 @@
-"""The production store: one hash, one stream and one dedup hash per run, on Redis (DESIGN §7).
+"""The production store: one hash, one stream and one dedup hash per run, on Redis.
 
 Every write is one Lua script that checks the fence and the dedup before it writes, so each
 method is atomic exactly like its :class:`~turnstream.MemoryStore` counterpart, whose
