@@ -68,6 +68,8 @@ def main(target: str) -> None:
         bad = client.post("/chat", content=b"{not json", headers=USER | {
             "content-type": "application/json"})  # fmt: skip
         check(is_problem(bad, 400), "a bad body: a 400 problem document", bad)
+        unnamed = client.post("/chat", json=BODY | {"sessionId": ""}, headers=USER)
+        check(is_problem(unnamed, 400), "an empty session id: a 400 problem document", unnamed)
 
         turn = f"/turns/{quote(execution_id, safe='')}"
         status = client.get(turn, headers=USER)
@@ -78,6 +80,8 @@ def main(target: str) -> None:
         check(is_problem(unknown, 404), "another user's turn is not found", unknown)
         resumed = client.get(turn + "/stream?after=1", headers=USER)
         check(events_of(resumed.text) == events[1:], "a cursor resumes after it", resumed)
+        other = client.post("/chat", json=BODY, headers=OTHER_USER)
+        check(other.headers.get("x-turn-mode") == "fresh", "another user's turn is theirs", other)
     print("ok")
 
 

@@ -24,7 +24,7 @@ from turnstream.adapters.orchestrator import OrchestratorAdapter
 from turnstream.testing import FakeSubstrate, FakeSubstrateAdapter
 
 IDENTITY = TurnIdentity("t1", "proj", "s1", "u1", 0)
-KEY = RunKey("t1", IDENTITY.execution_id)
+KEY = RunKey("t1", IDENTITY.execution_id, "u1")
 
 
 class HandleLater:

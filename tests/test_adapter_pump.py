@@ -15,7 +15,7 @@ from turnstream._framing import StreamFormat
 from turnstream._handler import stream_run
 
 IDENTITY = TurnIdentity("t1", "proj", "s1", "u1", 0)
-KEY = RunKey("t1", "proj:s1:0")
+KEY = RunKey("t1", "proj:s1:0", "u1")
 INPUT = {"message": "hi"}
 
 

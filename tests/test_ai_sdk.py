@@ -242,7 +242,7 @@ async def test_a_restarted_turn_shows_the_live_attempt_only() -> None:
     stale.gate = anyio.Event()
     fresh = WordProducer(words=4)
     identity = TurnIdentity("t1", "proj", "s1", "u1", 0)
-    key = RunKey("t1", "proj:s1:0")
+    key = RunKey("t1", "proj:s1:0", "u1")
     async with Supervisor(store, lease_ms=100, heartbeat_ms=10_000_000) as a, Supervisor(
         store, lease_ms=2000
     ) as b:
@@ -286,7 +286,11 @@ async def test_a_dead_owner_is_an_error_chunk_without_done() -> None:
     await handle_chat_turn(identity, {"m": 1}, supervisor=dead, produce=producer)
     async with Supervisor(store, lease_ms=100) as reader_side:
         joined = stream_run(
-            reader_side, RunKey("t1", "proj:s1:0"), fmt=StreamFormat.AI_SDK, after=7, mode="joined"
+            reader_side,
+            RunKey("t1", "proj:s1:0", "u1"),
+            fmt=StreamFormat.AI_SDK,
+            after=7,
+            mode="joined",
         )
         with anyio.fail_after(5):
             wire = await collect(joined)
@@ -497,15 +501,18 @@ async def test_find_latest_turn_walks_from_the_hint() -> None:
         for n in range(3):
             await client.post("/api/chat", json=chat_body([user(str(i)) for i in range(n + 1)]))
         found = await find_latest_turn(
-            store, tenant_id="demo", project_id="demo", chat_id="c1", hint=1
+            store, tenant_id="demo", project_id="demo", chat_id="c1", hint=1, user_id="guest"
         )
         assert found is not None and found[0] == 2
-        assert found[1].key == RunKey("demo", "demo:c1:2")
+        assert found[1].key == RunKey("demo", "demo:c1:2", "guest")
         assert await find_latest_turn(
-            store, tenant_id="demo", project_id="demo", chat_id="c1", hint=3
+            store, tenant_id="demo", project_id="demo", chat_id="c1", hint=3, user_id="guest"
         ) is None
         assert await find_latest_turn(
-            store, tenant_id="other", project_id="demo", chat_id="c1", hint=0
+            store, tenant_id="other", project_id="demo", chat_id="c1", hint=0, user_id="guest"
+        ) is None
+        assert await find_latest_turn(  # another user of the tenant: not theirs
+            store, tenant_id="demo", project_id="demo", chat_id="c1", hint=0, user_id="bob"
         ) is None
 
 

@@ -300,11 +300,18 @@ async def test_tenants_and_users_are_isolated(client: httpx.AsyncClient) -> None
     first = await client.post("/chat", json=body(), headers=alice)
     assert first.headers["x-turn-mode"] == "fresh"
 
-    # Same tenant, another user: the turn is not theirs to replay.
-    assert (await client.post("/chat", json=body(), headers=bob)).status_code == 409
+    # Same tenant, another user: alice's turn is not there for bob, exactly as an unknown
+    # one is not; his own POST of the same session is a run of his own, produced anew.
     assert (await client.get(execution_url("demo:s1:0"), headers=bob)).status_code == 404
     stream = await client.get(execution_url("demo:s1:0", "/stream"), headers=bob)
     assert stream.status_code == 204
+    cancel = await client.post(execution_url("demo:s1:0", "/cancel"), json={}, headers=bob)
+    assert cancel.status_code == 404
+    his = await client.post("/chat", json=body(), headers=bob)
+    assert (his.status_code, his.headers["x-turn-mode"]) == (200, "fresh")
+    assert await producer_calls(client, "demo:s1:0", **bob) == 1
+    again = await client.post("/chat", json=body(), headers=alice)
+    assert again.headers["x-turn-mode"] == "replayed"  # hers is untouched
 
     # Another tenant: a different run under the same execution id, produced on its own.
     theirs = await client.post("/chat", json=body(), headers=other_tenant)

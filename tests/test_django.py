@@ -282,7 +282,7 @@ async def test_a_disconnect_ends_the_reader_not_the_turn(app: TurnstreamMiddlewa
     # The turn goes on without its client and finishes; a retry replays it whole.
     for _ in range(200):
         run = await env.supervisor.store.get_run(
-            RunKey("t1", "proj:s1:0")
+            RunKey("t1", "proj:s1:0", "u1")
         )
         if run is not None and run.status.finished:
             break

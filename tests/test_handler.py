@@ -23,7 +23,7 @@ from turnstream import (
 )
 
 StoreFactory = Callable[[], TurnStore]
-KEY = RunKey("t1", "proj:s1:0")
+KEY = RunKey("t1", "proj:s1:0", "u1")
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])

@@ -2,8 +2,8 @@
 
 Another tenant's (or another user's) execution id answers exactly like an unknown one — same
 status, same body, same headers — on the resume, status and cancel routes, whether the turn
-is live or finished; a cancel from them has no effect; and a POST by another tenant for the
-same session/turn/message is a run of its own that never sees the first tenant's events.
+is live or finished; a cancel from them has no effect; and a POST by another tenant or user
+for the same session/turn is a run of its own that never sees the first one's events.
 Run on the memory store and on a real Redis (``redis_server``: a throwaway server).
 """
 
@@ -194,11 +194,12 @@ async def test_another_tenant_posting_the_same_turn_gets_a_run_of_its_own(
 
 
 @pytest.mark.parametrize("live", [True, False], ids=["live", "finished"])
-async def test_another_user_posting_the_same_turn_is_a_conflict(
+async def test_another_user_posting_the_same_turn_gets_a_run_of_their_own(
     client: httpx.AsyncClient, live: bool
 ) -> None:
-    # Same tenant, same execution id, another user: neither joined nor replayed (that would
-    # hand bob alice's answer) nor a second run (one execution id is one run per tenant).
+    # Same tenant, same session and turn, another user: the user is part of what names a
+    # run, so bob gets a fresh run of his own — neither alice's answer (joined or replayed)
+    # nor a 409 that would tell him her turn exists.
     sid = session()
     execution_id = f"demo:{sid}:0"
     first = asyncio.create_task(client.post("/chat", json=chat_body(sid), headers=OWNER))
@@ -206,19 +207,19 @@ async def test_another_user_posting_the_same_turn_is_a_conflict(
         await wait_until_live(client, execution_id)
     else:
         await first
-    conflict = await asyncio.wait_for(
-        client.post("/chat", json=chat_body(sid), headers=OTHER_USER), timeout=2
+    his = await asyncio.wait_for(
+        client.post("/chat", json=chat_body(sid, "something else"), headers=OTHER_USER),
+        timeout=10,
     )
-    assert conflict.status_code == 409
-    assert conflict.headers["content-type"] == "application/problem+json"
-    document = conflict.json()
-    assert document["status"] == 409
-    assert "hello" not in conflict.text  # nothing of the run leaks
-    assert conflict.headers.get("x-turn-mode") is None
-    # The owner is unaffected and the producer ran once.
+    assert (his.status_code, his.headers["x-turn-mode"]) == (200, "fresh")
+    assert his.headers["x-execution-id"] == execution_id  # the same name, another run
+    assert_completed(his.content, "something else")
+    assert "hello" not in his.text  # nothing of alice's run
     mine = await asyncio.wait_for(first, timeout=10)
+    assert mine.headers["x-turn-mode"] == "fresh"
     assert_completed(mine.content, "hello there")
-    calls = await client.get(
-        "/debug/producer-calls", params={"executionId": execution_id}, headers=OWNER
-    )
-    assert calls.json()["calls"] == 1
+    for headers in (OWNER, OTHER_USER):
+        calls = await client.get(
+            "/debug/producer-calls", params={"executionId": execution_id}, headers=headers
+        )
+        assert calls.json()["calls"] == 1

@@ -12,7 +12,7 @@ from turnstream import LoggedEvent, MemoryStore, RunKey, Supervisor, TurnIdentit
 from turnstream._events import fast_logged_event
 from turnstream._live import TAIL_EVENTS, LiveRun
 
-KEY = RunKey("t1", "proj:s1:0")
+KEY = RunKey("t1", "proj:s1:0", "u1")
 
 
 def _events(first: int, n: int, size: int = 10) -> list[LoggedEvent]:

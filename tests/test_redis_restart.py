@@ -36,7 +36,7 @@ async def test_a_redis_restart_mid_turn_loses_nothing_and_calls_the_model_once(
     redis_aof: RedisProcess, fmt: StreamFormat
 ) -> None:
     identity = TurnIdentity("t1", "proj", f"s-{uuid.uuid4().hex}", "u1", 0)
-    key = RunKey("t1", identity.execution_id)
+    key = RunKey("t1", identity.execution_id, "u1")
     producer = WordProducer(words=40, delay=0.05)
     store = RedisStore.from_url(redis_aof.url, prefix=f"restart-{uuid.uuid4().hex[:8]}")
     try:

@@ -600,7 +600,8 @@ class RuntimeModel(RuleBasedStateMachine):
     async def _start_turn(self, kind: str, slot: int) -> int:
         index = len(self.turn_list)
         identity = TurnIdentity("t1", "proj", "s1", "u1", index)
-        turn = Turn(index, kind, identity, RunKey("t1", identity.execution_id), LocalProducer())
+        key = RunKey("t1", identity.execution_id, "u1")
+        turn = Turn(index, kind, identity, key, LocalProducer())
         if kind == "adapter":
             # The substrate run exists from the start, so the test can step it at any time.
             self.substrate.runs[identity.execution_id] = SteppedRun(identity.execution_id)
@@ -1265,7 +1266,7 @@ def test_the_runtime_follows_its_model_on_redis(
 # Each one a plain test of what a failing example came down to; the machine finds them too.
 
 IDENTITY = TurnIdentity("t1", "proj", "s1", "u1", 0)
-KEY = RunKey("t1", "proj:s1:0")
+KEY = RunKey("t1", "proj:s1:0", "u1")
 INPUT = {"message": "hi"}
 
 

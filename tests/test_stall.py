@@ -111,7 +111,7 @@ async def test_no_stall_watch_when_it_is_off() -> None:
             await anext(body)
         assert waited.cancelled_caught  # still waiting on the producer: nothing gave up
         await body.aclose()  # type: ignore[attr-defined]
-        assert await s.cancel(RunKey("t1", identity().execution_id))  # ends it for the drain
+        assert await s.cancel(RunKey("t1", identity().execution_id, "u1"))  # ends it for the drain
 
 
 async def test_a_silent_substrate_is_reattached_once_then_resumes() -> None:

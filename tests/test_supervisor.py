@@ -20,7 +20,7 @@ from turnstream import (
 )
 
 IDENTITY = TurnIdentity("t1", "proj", "s1", "u1", 0)
-KEY = RunKey("t1", "proj:s1:0")
+KEY = RunKey("t1", "proj:s1:0", "u1")
 
 
 
@@ -162,3 +162,12 @@ async def test_a_renew_that_races_its_own_pumps_finish_is_quiet(
             await supervisor._renew_all([racing])  # type: ignore[list-item]
     assert not racing.lost
     assert caplog.records == []
+
+
+@pytest.mark.parametrize("name", ["heartbeat_ms", "follow_block_ms", "sweep_interval_ms"])
+@pytest.mark.parametrize("value", [0, -5])
+def test_a_loop_period_must_be_positive(name: str, value: int) -> None:
+    # 0 made the heartbeat spin, and the other two quietly meant "the default".
+    with pytest.raises(ValueError, match=name):
+        Supervisor(MemoryStore(), **{name: value})
+    assert getattr(Supervisor(MemoryStore(), **{name: 7}), name) == 7

@@ -32,7 +32,7 @@ from turnstream import (
 )
 
 IDENTITY = TurnIdentity("t1", "proj", "s1", "u1", 0)
-KEY = RunKey("t1", "proj:s1:0")
+KEY = RunKey("t1", "proj:s1:0", "u1")
 INPUT = {"message": "hi"}
 
 

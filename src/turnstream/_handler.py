@@ -1,6 +1,6 @@
 """``handle_chat_turn``: the framework-neutral entry point of a chat turn.
 
-It classifies the request (fresh, replayed, joined, restarted — DESIGN §4), starts the pump
+It classifies the request (fresh, replayed, joined, restarted — docs/lifecycle.md), starts the pump
 when this request owns the turn, and returns a streaming result whose body is a reader from
 the client's cursor. It never raises into the HTTP layer: errors before the stream are
 problem documents, errors after it are in-band events.
@@ -274,7 +274,7 @@ async def handle_chat_turn(
             supervisor.register_adapter(adapter)
         _check_input_size(input, supervisor)
         input_hash = canonical_input_hash(input)
-        key = RunKey(identity.tenant_id, execution_id)
+        key = supervisor.run_key(identity.tenant_id, identity.user_id, execution_id)
         await supervisor.ensure_started()
         result = await supervisor.begin(key, input_hash=input_hash, user_id=identity.user_id)
         if result.outcome is BeginOutcome.MISMATCH:

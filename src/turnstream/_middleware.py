@@ -202,7 +202,7 @@ class TurnstreamMiddleware:
             execution_id = parts[0]
             parse_execution_id(execution_id)
             principal = await self._principal(request)
-            key = RunKey(principal.tenant_id, execution_id)
+            key = self.supervisor.run_key(principal.tenant_id, principal.user_id, execution_id)
             if action == "stream":
                 fmt = negotiate_format(
                     request.query_params.get("format"), request.headers.get("accept")
@@ -266,8 +266,10 @@ class TurnstreamMiddleware:
 
     async def _visible_run(self, key: RunKey, principal: Principal) -> RunRecord | None:
         run = await self.supervisor.store.get_run(key)
-        if run is None or run.user_id != principal.user_id:
+        if run is None:
             return None
+        if self.supervisor.access == "user" and run.user_id != principal.user_id:
+            return None  # the key names the user already; this holds should a store not
         return run
 
 

@@ -34,8 +34,9 @@ __all__ = [
 PROBLEM_MEDIA_TYPE: Final = "application/problem+json"
 
 # One stable URI per problem kind, so a client can branch on `type` rather than on the
-# wording of `title`. Every problem turnstream itself raises gets one of these; `about:blank`
-# stays the default of `problem_body` for an app's own plain-HTTP problems (RFC 9457 §4.2.1).
+# wording of `title`. Every problem about a turn gets one of these; `about:blank` (RFC 9457
+# §4.2.1: the status says it all) is the default of `problem_body`, for an app's own problems
+# and for plain HTTP ones, such as the turn routes' 405 and 415.
 PROBLEM_TYPE_BASE: Final = "https://turnstream.dev/problems/"
 
 # A store outage is usually a failover or a restart: seconds, not minutes.

@@ -42,30 +42,43 @@ class RunStatus(enum.StrEnum):
 
 
 class BeginOutcome(enum.StrEnum):
-    """The five outcomes of :meth:`TurnStore.begin` (DESIGN §4)."""
+    """The five outcomes of :meth:`TurnStore.begin` (docs/lifecycle.md, turn modes)."""
 
     FRESH = "fresh"  # no run yet: created, lease taken
     COMPLETED = "completed"  # run finished: replay
     LIVE = "live"  # unfinished, lease held by a live owner: join
     TAKEOVER = "takeover"  # unfinished, lease lapsed: lease taken with a new fencing token
-    MISMATCH = "mismatch"  # same execution id, different input hash or user: 409
+    MISMATCH = "mismatch"  # same execution id, different input hash: 409
 
 
 @dataclass(frozen=True, slots=True)
 class RunKey:
-    """Names one run: the tenant it belongs to and its execution id."""
+    """Names one run: its tenant, its user (unless the tenant's sessions are shared) and its
+    execution id.
+
+    With ``Supervisor(access="user")`` (the default) a run belongs to the user who started
+    it: the user is part of its name, so two users' equal session ids are two runs, and
+    another user asking for it finds nothing. With ``access="tenant"`` the user is left out
+    (``user_id=None``): the tenant's users share sessions.
+    """
 
     tenant_id: str
     execution_id: str
+    user_id: str | None = None
 
     @property
     def tag(self) -> str:
-        """``<tenant>/<execution id>``: the Redis hash tag body, unique per run.
+        """``<tenant>/<execution id>`` or ``<tenant>@<user>/<execution id>``: the Redis hash
+        tag body, unique per run.
 
-        The tenant is encoded strictly (no ``/``) so the split is unambiguous; the
-        execution id never contains ``{`` or ``}`` (see ``derive_execution_id``).
+        Tenant and user are encoded strictly (no ``/``, no ``@``), so the first ``/`` ends
+        them whatever the execution id holds; a derived execution id never holds ``{`` or
+        ``}`` (see ``derive_execution_id``).
         """
-        return f"{quote(self.tenant_id, safe='-._~')}/{self.execution_id}"
+        tenant = quote(self.tenant_id, safe="-._~")
+        if self.user_id is None:
+            return f"{tenant}/{self.execution_id}"
+        return f"{tenant}@{quote(self.user_id, safe='-._~')}/{self.execution_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,11 +151,13 @@ class TurnStore(Protocol):
     async def begin(
         self, key: RunKey, *, input_hash: str, user_id: str, holder: str, lease_ms: int
     ) -> BeginResult:
-        """Atomically classify a turn request (DESIGN §4) and, when FRESH or TAKEOVER, lease it.
+        """Atomically classify a turn request and, when FRESH or TAKEOVER, lease it.
 
         A TAKEOVER increments the fencing token; from then on the previous holder's writes
-        raise :class:`LeaseLost`. A request by another user than the run's is a MISMATCH and
-        never touches the lease.
+        raise :class:`LeaseLost`. A request with another ``input_hash`` is a MISMATCH and never
+        touches the lease. ``user_id`` records who started the run (the first begin's) and is
+        not compared: a user's run has its user in its key already, and a run of a tenant's
+        shared sessions (``key.user_id is None``) is every one of its users' alike.
         """
         ...
 

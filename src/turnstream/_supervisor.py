@@ -16,7 +16,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from anyio.abc import TaskGroup
@@ -37,6 +37,7 @@ __all__ = ["Supervisor"]
 
 logger = logging.getLogger("turnstream.supervisor")
 
+Access = Literal["user", "tenant"]
 DEFAULT_LEASE_MS = 10_000
 _LOOP_RESTART_S = 1.0
 _RENEW_RETRY_FIRST_S = 0.05
@@ -71,6 +72,11 @@ class Supervisor:
     * ``persist_after_ms`` — a finished turn whose ``persist_assistant_message`` has not
       confirmed within this long is persisted by the sweeper of any worker.
     * ``sweep_interval_ms`` — how often the sweeper looks (default ``lease_ms / 2``).
+    * ``access`` — who may see a turn: ``"user"`` (default) — a turn belongs to the user who
+      started it; the user is part of the run's name, so two users' equal session ids never
+      meet, and any other user gets exactly what an unknown execution id gets, on every
+      route. ``"tenant"`` — the users of a tenant share sessions (a team chat): any of them
+      may join, replay, cancel or read a turn, and posting the same turn joins it.
     * ``stall_timeout_s`` — a producer or substrate that sends nothing for this long (while
       nothing of turnstream's holds it back) is stalled: a substrate is re-attached once
       after its last event, then the turn fails in-band (``error`` ``stalled``, retryable).
@@ -95,6 +101,7 @@ class Supervisor:
         orphan_after_ms: int = 60_000,
         persist_after_ms: int = 30_000,
         stall_timeout_s: float | None = 120.0,
+        access: Access = "user",
     ) -> None:
         if lease_ms < 30:
             raise ValueError("lease_ms must be at least 30")
@@ -102,6 +109,16 @@ class Supervisor:
             raise ValueError("store_retry_s must not be negative, outage_notice_s positive")
         if orphan_after_ms < 0 or persist_after_ms < 1:
             raise ValueError("orphan_after_ms must not be negative, persist_after_ms positive")
+        for name, value in (
+            ("heartbeat_ms", heartbeat_ms),
+            ("follow_block_ms", follow_block_ms),
+            ("sweep_interval_ms", sweep_interval_ms),
+        ):
+            if value is not None and value < 1:
+                # 0 or less would make a loop spin (or, read with `or`, quietly the default).
+                raise ValueError(f"{name} must be at least 1 (or None: the default)")
+        if access not in ("user", "tenant"):
+            raise ValueError(f"access must be 'user' or 'tenant', not {access!r}")
         if stall_timeout_s is not None and not stall_timeout_s > 0:
             raise ValueError("stall_timeout_s must be positive (or None: no stall watch)")
         self.store: TurnStore = store if store is not None else MemoryStore()
@@ -112,18 +129,25 @@ class Supervisor:
         self.shutdown_grace_s = shutdown_grace_s
         # A reader blocked on the store re-checks the run twice a lease period, so it learns
         # of a dead owner about one lease period after the death.
-        self.follow_block_ms = follow_block_ms or max(min(lease_ms // 2, 5_000), 10)
+        self.follow_block_ms = (
+            follow_block_ms
+            if follow_block_ms is not None
+            else max(min(lease_ms // 2, 5_000), 10)
+        )
         self.store_retry_s = store_retry_s
         self.outage_notice_s = outage_notice_s
         self.orphan_after_ms = orphan_after_ms
         self.persist_after_ms = persist_after_ms
         self.stall_timeout_s = stall_timeout_s
+        self.access: Access = access
         self.writer = LogWriter(self.store)
         self._adapters: dict[str, ReconnectAdapter] = {}
         for adapter in adapters:
             self.register_adapter(adapter)
         self.hooks = hooks or TurnHooks()
-        self.sweep_interval_ms = sweep_interval_ms or max(lease_ms // 2, 10)
+        self.sweep_interval_ms = (
+            sweep_interval_ms if sweep_interval_ms is not None else max(lease_ms // 2, 10)
+        )
         self.post_hooks = PostHooks(self)
         self._sweeper = Sweeper(self)
         self._pumps: dict[RunKey, Pump] = {}
@@ -264,8 +288,14 @@ class Supervisor:
     def closing(self) -> bool:
         return self._closing
 
+    def run_key(self, tenant_id: str, user_id: str, execution_id: str) -> RunKey:
+        """The run an execution id names for this caller, under this supervisor's ``access``:
+        the user is part of it unless the tenant's sessions are shared."""
+        return RunKey(tenant_id, execution_id, user_id if self.access == "user" else None)
+
     def key_of(self, completion: TurnCompletion) -> RunKey:
-        return RunKey(completion.identity.tenant_id, completion.execution_id)
+        identity = completion.identity
+        return self.run_key(identity.tenant_id, identity.user_id, completion.execution_id)
 
     async def begin(self, key: RunKey, *, input_hash: str, user_id: str) -> BeginResult:
         if self._closing:

@@ -31,7 +31,7 @@ from turnstream.adapters.openai_responses import OpenAIResponsesAdapter
 from turnstream.testing import AdapterConformance
 
 IDENTITY = TurnIdentity("t1", "proj", "s1", "u1", 0)
-KEY = RunKey("t1", "proj:s1:0")
+KEY = RunKey("t1", "proj:s1:0", "u1")
 MODEL = "gpt-test"
 KIND = "openai-responses"
 

@@ -715,7 +715,7 @@ async def test_a_takeover_re_attaches_to_the_substrate_run_without_gap_or_duplic
     from turnstream import MemoryStore, RunKey, Supervisor, TurnIdentity, handle_chat_turn
 
     identity = TurnIdentity("t1", "proj", f"s-{uuid.uuid4().hex}", "u1", 0)
-    key = RunKey("t1", identity.execution_id)
+    key = RunKey("t1", identity.execution_id, "u1")
     # 30 tokens 20 ms apart: the run is still going when worker A stops renewing its lease.
     input = {"message": "hello", "options": {"tokens": 30, "tokenDelayMs": 20}}
     store = MemoryStore()

@@ -28,11 +28,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import orjson
 import redis
 
+from turnstream import RunKey
 from turnstream._demo import fake_reply
 
 from ._client import TERMINALS, TurnClient, TurnSpec
@@ -70,8 +70,13 @@ class LoggedTurn:
         return sum(1 for e in self.entries if e.type == RESTARTED)
 
 
-def run_tag(tenant: str, execution_id: str) -> str:
-    return f"{quote(tenant, safe='-._~')}/{execution_id}"
+# The user of every chaos turn: the app's default (tests/chaos/_app.py), since the clients
+# send no user header. A run's key names its user (Supervisor(access="user")).
+USER = "user"
+
+
+def run_tag(tenant: str, execution_id: str, user: str = USER) -> str:
+    return RunKey(tenant, execution_id, user).tag
 
 
 def read_turn(client: redis.Redis, prefix: str, tenant: str, execution_id: str) -> LoggedTurn:
@@ -96,7 +101,7 @@ def read_turn(client: redis.Redis, prefix: str, tenant: str, execution_id: str) 
 
 def tenant_runs(client: redis.Redis, prefix: str, tenant: str) -> list[str]:
     """The execution ids of every run of ``tenant`` in Redis (to find runs nobody expected)."""
-    head = f"{prefix}:{{{quote(tenant, safe='-._~')}/"
+    head = f"{prefix}:{{{run_tag(tenant, '')}"
     ids = []
     for key in client.scan_iter(match=head.replace("[", "\\[") + "*}:run", count=1000):
         text = key.decode()

@@ -175,9 +175,11 @@ def test_decoding_clients_are_refused() -> None:
 _TEXT = st.text(st.characters(blacklist_categories=["Cs"]))
 
 
-@given(tenant_id=_TEXT, execution_id=_TEXT)
-def test_a_run_tag_parses_back_to_its_key(tenant_id: str, execution_id: str) -> None:
-    key = RunKey(tenant_id, execution_id)
+@given(tenant_id=_TEXT, execution_id=_TEXT, user_id=st.none() | _TEXT)
+def test_a_run_tag_parses_back_to_its_key(
+    tenant_id: str, execution_id: str, user_id: str | None
+) -> None:
+    key = RunKey(tenant_id, execution_id, user_id)
     assert run_key_from_tag(key.tag) == key
     assert run_key_from_tag(key.tag.encode()) == key
 
@@ -195,11 +197,18 @@ def test_a_run_tag_parses_back_to_its_key(tenant_id: str, execution_id: str) -> 
         ("~-._", "x"),
     ],
 )
-def test_odd_tenants_parse_back_exactly(tenant_id: str, execution_id: str) -> None:
-    key = RunKey(tenant_id, execution_id)
+@pytest.mark.parametrize("user_id", [None, "ada", "a/b", "a@b", "", "ünï 🌍"])
+def test_odd_tenants_parse_back_exactly(
+    tenant_id: str, execution_id: str, user_id: str | None
+) -> None:
+    key = RunKey(tenant_id, execution_id, user_id)
     assert "/" not in key.tag.partition("/")[0]
     parsed = run_key_from_tag(key.tag)
-    assert (parsed.tenant_id, parsed.execution_id) == (tenant_id, execution_id)
+    assert (parsed.tenant_id, parsed.execution_id, parsed.user_id) == (
+        tenant_id,
+        execution_id,
+        user_id,
+    )
 
 
 @pytest.mark.parametrize(
@@ -213,6 +222,9 @@ def test_odd_tenants_parse_back_exactly(tenant_id: str, execution_id: str) -> No
         "%C3/x",  # half a UTF-8 sequence
         "ü/x",
         b"\xff/x",
+        "a@b@c/x",  # one user at most: RunKey.tag escapes '@'
+        "a@b c/x",
+        "a@%41/x",
     ],
 )
 def test_only_tags_run_key_tag_writes_parse(tag: str | bytes) -> None:

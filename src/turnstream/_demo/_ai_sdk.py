@@ -118,7 +118,13 @@ class LatestTurns:
 
 
 async def find_latest_turn(
-    store: TurnStore, *, tenant_id: str, project_id: str, chat_id: str, hint: int
+    store: TurnStore,
+    *,
+    tenant_id: str,
+    project_id: str,
+    chat_id: str,
+    hint: int,
+    user_id: str | None = None,
 ) -> tuple[int, RunRecord] | None:
     """The newest run of a chat at or above ``hint``: walk up the turn indexes in the store.
 
@@ -128,12 +134,15 @@ async def find_latest_turn(
     workers (``--redis``) a worker that never served this chat starts from its own hint (or
     0) and still finds the turns another worker ran. What it cannot see: a chat whose turns
     at and above the hint expired (retention TTL) below a newer one — then the answer is
-    ``None`` (a 204), which is what an expired turn gets anyway.
+    ``None`` (a 204), which is what an expired turn gets anyway. ``user_id``: the caller,
+    when runs are a user's (``Supervisor(access="user")``, see ``Supervisor.run_key``).
     """
     turn = hint
-    run = await store.get_run(RunKey(tenant_id, derive_execution_id(project_id, chat_id, turn)))
+    run = await store.get_run(
+        RunKey(tenant_id, derive_execution_id(project_id, chat_id, turn), user_id)
+    )
     for _ in range(MAX_PROBES):
-        next_key = RunKey(tenant_id, derive_execution_id(project_id, chat_id, turn + 1))
+        next_key = RunKey(tenant_id, derive_execution_id(project_id, chat_id, turn + 1), user_id)
         next_run = await store.get_run(next_key)
         if next_run is None:
             break
@@ -191,6 +200,7 @@ def ai_sdk_routes(
                 project_id=project_id,
                 chat_id=chat_id,
                 hint=latest_turns.hint(principal.tenant_id, chat_id),
+                user_id=supervisor.run_key(principal.tenant_id, principal.user_id, "").user_id,
             )
             if found is None or found[1].user_id != principal.user_id:
                 return Response(status_code=204, headers={"Cache-Control": "no-store"})

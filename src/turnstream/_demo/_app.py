@@ -51,7 +51,7 @@ from .._identity import TurnIdentity
 from .._middleware import TurnstreamMiddleware
 from .._problems import problem_for_exception
 from .._requests import ChatTurnRequest
-from .._store import RunKey, TurnStore
+from .._store import TurnStore
 from .._supervisor import DEFAULT_LEASE_MS, Supervisor
 from ..stores import MemoryStore
 from ._ai_sdk import ai_sdk_routes
@@ -173,7 +173,11 @@ def create_demo_app(
     page = importlib.resources.files("turnstream._demo").joinpath("page.html").read_bytes()
 
     async def produce(context: TurnContext) -> AsyncIterator[dict[str, Any]]:
-        calls.record(RunKey(context.identity.tenant_id, context.execution_id))
+        calls.record(
+            supervisor.run_key(
+                context.identity.tenant_id, context.identity.user_id, context.execution_id
+            )
+        )
         speed = Speed.from_input(context.input, default_speed)
         delay_s = speed.token_delay_ms / 1000
         for word in fake_reply(str(context.input["message"]), speed.tokens):
@@ -224,7 +228,9 @@ def create_demo_app(
             except TurnstreamError as exc:
                 return problem_for_exception(exc)
             document["executionId"] = execution_id
-            document["calls"] = calls.count(RunKey(principal.tenant_id, execution_id))
+            document["calls"] = calls.count(
+                supervisor.run_key(principal.tenant_id, principal.user_id, execution_id)
+            )
         return _json(document)
 
     async def config(request: Request) -> Response:

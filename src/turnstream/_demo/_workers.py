@@ -140,7 +140,7 @@ def worker_routes(
         execution_id: str = request.path_params["execution_id"]
         parse_execution_id(execution_id)
         principal = authorize(request)
-        key = RunKey(principal.tenant_id, execution_id)
+        key = supervisor.run_key(principal.tenant_id, principal.user_id, execution_id)
         run = await supervisor.store.get_run(key)
         if run is None or run.user_id != principal.user_id:
             raise RunNotFound("no such turn")

@@ -210,7 +210,7 @@ class MemoryStore:
             self._touch(run, now)
             self._runs[key] = run
             return BeginResult(BeginOutcome.FRESH, self._record(run), Lease(holder, 1))
-        if run.input_hash != input_hash or run.user_id != user_id:
+        if run.input_hash != input_hash:
             return BeginResult(BeginOutcome.MISMATCH, self._record(run), None)
         return self._join_or_take_over(run, holder=holder, lease_ms=lease_ms, now=now)
 

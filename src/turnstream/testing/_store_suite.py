@@ -323,23 +323,23 @@ class StoreConformance:
         # …and the run can still be taken over with the right input.
         assert (await self.begin(store, key, "worker-c")).outcome is BeginOutcome.TAKEOVER
 
-    async def test_begin_by_another_user_is_a_mismatch_and_leaves_the_lease(
+    async def test_begin_by_another_user_shares_the_run_and_keeps_who_started_it(
         self, store: TurnStore
     ) -> None:
+        # Under one key, another user's begin is the same turn (a tenant's shared session);
+        # a user's own runs are kept apart by their keys (RunKey.user_id), not by begin.
         key = self.new_key()
         lease = await self.own(store, key)
         live = await self.begin(store, key, "worker-b", user_id="user-2")
-        assert live.outcome is BeginOutcome.MISMATCH
-        assert live.lease is None
+        assert (live.outcome, live.lease) == (BeginOutcome.LIVE, None)
         await self.lapse_lease(store, key, lease)
-        lapsed = await self.begin(store, key, "worker-b", user_id="user-2")
-        assert lapsed.outcome is BeginOutcome.MISMATCH
-        assert lapsed.lease is None
-        record = await self.run_record(store, key)
-        assert (record.lease_holder, record.lease_token) == ("worker-a", lease.token)
-        assert record.user_id == "user-1"
-        taken = await self.begin(store, key, "worker-c")
+        taken = await self.begin(store, key, "worker-b", user_id="user-2")
         assert taken.outcome is BeginOutcome.TAKEOVER
+        record = await self.run_record(store, key)
+        assert record.lease_holder == "worker-b"
+        assert record.user_id == "user-1"  # who started it
+        other = await self.begin(store, key, "worker-c", user_id="user-2", input_hash="other")
+        assert (other.outcome, other.lease) == (BeginOutcome.MISMATCH, None)
 
     async def test_begin_mismatch_on_a_finished_run(self, store: TurnStore) -> None:
         key = self.new_key()
@@ -1539,6 +1539,12 @@ class StoreConformance:
         ]
         # Execution ids are the store's to keep as given, too (derive_execution_id's are tame).
         keys.append(RunKey("a/b", f"raw/ex%41:id:{unique}/é"))
+        # And users, when the run is a user's (Supervisor(access="user")): every one a run
+        # of its own, even where tenant + user + id would spell alike without the user.
+        eid = derive_execution_id("project", f"s-{unique}-u", 1)
+        for tenant, user in [("acme", "ada"), ("acme", "a/b"), ("acme@ada", "x"), ("a", "")]:
+            keys.append(RunKey(tenant, eid, user))
+        keys.append(RunKey("acme", eid))  # the same tenant and id, no user: another run
         for key in keys:
             await store.release(key, await self.own_reconnectable(store, key))
         listed = await self.lapsed_among(store, keys)
@@ -1556,14 +1562,32 @@ class StoreConformance:
 
     @pytest.mark.parametrize(
         ("tenant_one", "tenant_two"),
-        [("acme", "globex"), ("a/b", "a%2Fb"), ("t", "t/"), ("{x}", "x")],
+        [
+            ("acme", "globex"),
+            ("a/b", "a%2Fb"),
+            ("t", "t/"),
+            ("{x}", "x"),
+            # A user's runs (Supervisor(access="user")) against another user's, against the
+            # tenant's shared ones, and against a tenant whose name spells like a user's.
+            (("acme", "ada"), ("acme", "grace")),
+            (("acme", "ada"), "acme"),
+            (("acme", "ada"), "acme@ada"),
+            (("acme", "a/b"), ("acme", "a%2Fb")),
+        ],
     )
     async def test_tenants_are_isolated(
-        self, store: TurnStore, tenant_one: str, tenant_two: str
+        self,
+        store: TurnStore,
+        tenant_one: str | tuple[str, str],
+        tenant_two: str | tuple[str, str],
     ) -> None:
-        suffix = uuid.uuid4().hex[:8]
-        one = self.new_key(f"{tenant_one}-{suffix}")
-        two = RunKey(f"{tenant_two}-{suffix}", one.execution_id)
+        eid = self.new_key("x").execution_id  # unique: a store shared between tests works
+
+        def key(spec: str | tuple[str, str]) -> RunKey:
+            tenant, user = (spec, None) if isinstance(spec, str) else spec
+            return RunKey(tenant, eid, user)
+
+        one, two = key(tenant_one), key(tenant_two)
         assert one != two
         lease_one = await self.own(store, one, "worker-1", input_hash="hash-1")
         # Same execution id, other tenant, other input: a fresh run, not a mismatch.
@@ -1600,7 +1624,7 @@ class StoreConformance:
             BeginOutcome.LIVE
         )
         # A third tenant sees nothing at all.
-        three = RunKey(f"other-{suffix}", one.execution_id)
+        three = RunKey(f"other-{uuid.uuid4().hex[:8]}", one.execution_id)
         assert await store.get_run(three) is None
         assert await store.read(three) == []
         assert await store.request_cancel(three) is False

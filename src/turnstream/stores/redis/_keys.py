@@ -1,4 +1,4 @@
-"""Key templates and field names of the Redis layout (DESIGN §7), in one place.
+"""Key templates and field names of the Redis layout (docs/configuration.md), in one place.
 
 Every key of one run carries the same hash tag ``{<RunKey.tag>}`` so that each Lua script,
 which touches all of them, stays within one cluster slot. The tag may hold any character but
@@ -131,23 +131,29 @@ def persists_key(prefix: str) -> bytes:
     return PERSISTS_KEY.format(prefix=prefix).encode()
 
 
-# What `quote(tenant, safe="-._~")` can produce: unreserved characters and %XX escapes.
-_QUOTED_TENANT: Final = re.compile(r"(?:[A-Za-z0-9\-._~]|%[0-9A-F]{2})*")
+# What `quote(tenant or user, safe="-._~")` can produce: unreserved characters and escapes.
+_QUOTED: Final = re.compile(r"(?:[A-Za-z0-9\-._~]|%[0-9A-F]{2})*")
 
 
 def run_key_from_tag(tag: bytes | str) -> RunKey:
     """The :class:`RunKey` whose :attr:`RunKey.tag` is ``tag``: its exact inverse.
 
     Strict, so that only a tag ``RunKey.tag`` could have written parses (anything else in the
-    lease index is foreign): the tenant must be percent-encoded exactly as ``tag`` encodes it
+    lease index is foreign): tenant and user must be percent-encoded exactly as ``tag`` does it
     (upper-case escapes, nothing escaped that need not be, valid UTF-8). Raises ``ValueError``.
     """
     text = tag.decode("utf-8") if isinstance(tag, bytes) else tag
-    quoted, slash, execution_id = text.partition("/")
-    if not slash or _QUOTED_TENANT.fullmatch(quoted) is None:
+    head, slash, execution_id = text.partition("/")
+    quoted_tenant, at, quoted_user = head.partition("@")
+    if (
+        not slash
+        or _QUOTED.fullmatch(quoted_tenant) is None
+        or (at and _QUOTED.fullmatch(quoted_user) is None)
+    ):
         raise ValueError(f"not a run tag: {text!r}")
-    tenant_id = unquote(quoted, errors="strict")
-    key = RunKey(tenant_id, execution_id)
+    tenant_id = unquote(quoted_tenant, errors="strict")
+    user_id = unquote(quoted_user, errors="strict") if at else None
+    key = RunKey(tenant_id, execution_id, user_id)
     if key.tag != text:  # e.g. "%41" for "A": a spelling RunKey.tag never writes
         raise ValueError(f"not a canonical run tag: {text!r}")
     return key

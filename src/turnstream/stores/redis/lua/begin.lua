@@ -1,4 +1,4 @@
--- Classify a turn request (DESIGN §4) and, when fresh or taken over, lease the run.
+-- Classify a turn request (docs/lifecycle.md, turn modes) and, when fresh or taken over, lease the run.
 -- KEYS: run, log, ids.  ARGV: input_hash, user_id, holder, lease_ms, begin_id, running_ttl_ms.
 -- Returns {outcome, now_ms, HGETALL of the run}.
 local run, log, ids = KEYS[1], KEYS[2], KEYS[3]
@@ -33,9 +33,10 @@ if f[5] == begin_id and f[3] == holder then
   return answer(f[6])
 end
 
--- Another user's request is refused before it can touch the lease (a lapsed run must not
--- be leased by a request the handler is about to turn away).
-if f[2] ~= input_hash or f[7] ~= user_id then
+-- Another input is refused before it can touch the lease (a lapsed run must not be leased
+-- by a request the handler is about to turn away). user_id is who started the run, not
+-- compared: a user's run has the user in its key, a shared run is every user's.
+if f[2] ~= input_hash then
   return answer('mismatch')
 end
 if f[1] ~= 'running' then
