@@ -33,6 +33,7 @@ from ._hooks import Limits, TurnCompletion, TurnContext, TurnHooks
 from ._identity import TurnIdentity, canonical_input_hash, derive_execution_id, parse_execution_id
 from ._middleware import TurnstreamMiddleware
 from ._problems import ProblemResponse, problem_for_exception
+from ._redact import Redact
 from ._requests import ChatTurnRequest, read_json_body
 from ._store import BeginOutcome, Lease, RunKey, RunRecord, RunStatus, TurnStore
 from ._supervisor import Supervisor
@@ -59,6 +60,7 @@ __all__ = [
     "ProblemResponse",
     "ReadinessCheck",
     "ReconnectAdapter",
+    "Redact",
     "RedisStore",
     "RequestTimeout",
     "RunFinished",

@@ -262,6 +262,7 @@ class Producing:
         max_events, max_bytes = limits.max_events_per_turn, limits.max_event_bytes
         attempt = self.pump.attempt
         build, put = NewEvent.build, outbox.put
+        redact = self.pump.supervisor.redact
         try:
             async for item in stream:
                 self._produced += 1
@@ -289,6 +290,8 @@ class Producing:
                     raise InvalidTurnInput("an adapter event needs an event id", field="eventId")
                 else:
                     event_id = f"{attempt}.{self._produced}"
+                if redact is not None:
+                    payload = redact(payload)  # before anything is logged, sent or folded
                 event = build(event_id, payload, max_bytes=max_bytes)
                 if event.terminal:
                     raise InvalidTurnInput(f"{event.type!r} is reserved for the pump", field="type")

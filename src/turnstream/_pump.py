@@ -109,8 +109,14 @@ class Pump:
 
     @property
     def text(self) -> str:
-        """The turn's text so far: the fold of what this pump knows of the log."""
-        return self.fold.text
+        """The turn's text so far: the fold of what this pump knows of the log.
+
+        With ``Supervisor(redact=…)``, masked as a whole as well: a secret split across two
+        deltas matched neither, but it must not be checkpointed or persisted joined up.
+        """
+        redact = self.supervisor.redact
+        text = self.fold.text
+        return text if redact is None else str(redact(text))
 
     # -- control (called by the supervisor) ------------------------------------------------
 
@@ -408,6 +414,11 @@ class Pump:
                 logger.exception("adapter.cancel failed for %s", self.key.execution_id)
 
     def _lifecycle(self, event_id: str, payload: Mapping[str, Any]) -> NewEvent:
+        redact = self.supervisor.redact
+        if redact is not None:
+            # An error's message may quote what a substrate said; the final text is masked
+            # already (it is the fold of masked events).
+            payload = redact(payload)
         return NewEvent.build(event_id, payload, max_bytes=2**31)
 
     async def _on_event(self, event: LoggedEvent) -> None:

@@ -28,6 +28,7 @@ from ._identity import TurnIdentity
 from ._live import LiveRun
 from ._posthooks import PostHooks
 from ._pump import Pump, PumpMode
+from ._redact import Redact
 from ._store import BeginResult, Lease, RenewRequest, RenewResult, RunKey, TurnStore
 from ._sweeper import Sweeper
 from ._writer import LogWriter
@@ -77,6 +78,9 @@ class Supervisor:
       meet, and any other user gets exactly what an unknown execution id gets, on every
       route. ``"tenant"`` — the users of a tenant share sessions (a team chat): any of them
       may join, replay, cancel or read a turn, and posting the same turn joins it.
+    * ``redact`` — a :class:`~turnstream.Redact`: keys and patterns masked in every event
+      before it is logged, so no secret a producer or substrate emits reaches the store, a
+      client or the logs (None: nothing is masked, and nothing costs anything).
     * ``stall_timeout_s`` — a producer or substrate that sends nothing for this long (while
       nothing of turnstream's holds it back) is stalled: a substrate is re-attached once
       after its last event, then the turn fails in-band (``error`` ``stalled``, retryable).
@@ -102,6 +106,7 @@ class Supervisor:
         persist_after_ms: int = 30_000,
         stall_timeout_s: float | None = 120.0,
         access: Access = "user",
+        redact: Redact | None = None,
     ) -> None:
         if lease_ms < 30:
             raise ValueError("lease_ms must be at least 30")
@@ -140,6 +145,7 @@ class Supervisor:
         self.persist_after_ms = persist_after_ms
         self.stall_timeout_s = stall_timeout_s
         self.access: Access = access
+        self.redact = redact
         self.writer = LogWriter(self.store)
         self._adapters: dict[str, ReconnectAdapter] = {}
         for adapter in adapters:
