@@ -359,3 +359,18 @@ def test_starlette_and_fastapi_agree_on_a_repeated_header(
         assert posted.status_code == 200
         status = httpx.get(base + "/turns/chat:qs-dup-header:0", headers=headers[:2])
         assert status.status_code == 200, (name, status.text)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug (low): check_component (src/turnstream/_identity.py) refuses C0 controls and "
+    "DEL but not the C1 controls U+0080-U+009F (Unicode category Cc, like C0), e.g. NEL "
+    "U+0085 (a line break to str.splitlines) or CSI U+009B (a terminal escape): 'must not "
+    "contain control characters' lets them through into ids, logs and hooks",
+)
+@pytest.mark.parametrize("char", ["\x80", "\x85", "\x9b", "\x9f"])
+def test_c1_control_characters_are_refused_in_ids(char: str) -> None:
+    from turnstream import InvalidTurnInput, TurnIdentity
+
+    with pytest.raises(InvalidTurnInput):
+        TurnIdentity("t", "chat", f"a{char}b", "u", 0)
