@@ -340,3 +340,51 @@ async def test_ai_sdk_resume_does_not_depend_on_another_users_chat(
     resumed = await demo.get(f"/api/chat/{chat_id}/stream", headers=BOB)
     assert resumed.status_code == 200, "bob lost his own turn to alice's hint"
     assert resumed.headers["x-turn-mode"] == "replayed"
+
+
+DEMO_PAIRS = {
+    "a@b vs a": ({"X-Demo-User": "a@b"}, {"X-Demo-User": "a"}),
+    "%40 vs @": ({"X-Demo-User": "%40"}, {"X-Demo-User": "@"}),
+    "a/b vs a%2Fb": ({"X-Demo-User": "a/b"}, {"X-Demo-User": "a%2Fb"}),
+    "Guest vs guest (the default)": ({"X-Demo-User": "Guest"}, {}),
+    "tenant d@x vs tenant d, user x@guest": (
+        {"X-Demo-Tenant": "d@x", "X-Demo-User": "guest"},
+        {"X-Demo-Tenant": "d", "X-Demo-User": "x@guest"},
+    ),
+}
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def demo_store(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
+    options: dict[str, Any] = {"tokens": 20, "token_delay_ms": 20}
+    if request.param == "redis":
+        options["redis_url"] = request.getfixturevalue("redis_server").url
+    app = create_demo_app(**options)
+    try:
+        async with app.state.supervisor:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://demo") as client:
+                yield client
+    finally:
+        if request.param == "redis":
+            await app.state.store.aclose()
+
+
+@pytest.mark.parametrize("pair", list(DEMO_PAIRS))
+async def test_the_demo_keeps_colliding_users_apart(
+    demo_store: httpx.AsyncClient, pair: str
+) -> None:
+    owner, intruder = DEMO_PAIRS[pair]
+    session_id = session()
+    execution_id = f"demo:{session_id}:0"
+    body = {"sessionId": session_id, "turnIndex": 0, "message": "owner's secret"}
+    owner_post = asyncio.create_task(demo_store.post("/chat", json=body, headers=owner))
+    await asyncio.sleep(0.1)  # live: 20 words 20 ms apart
+    live = await probe(demo_store, execution_id, intruder)
+    assert live == await probe(demo_store, f"demo:{session()}:0", intruder)
+    first = await owner_post
+    assert events_of(first.content)[-1]["type"] == "session.run.completed"
+    finished = await probe(demo_store, execution_id, intruder)
+    assert finished == await probe(demo_store, f"demo:{session()}:0", intruder)
+    theirs = await demo_store.post("/chat", json=body, headers=intruder)
+    assert theirs.headers["x-turn-mode"] == "fresh"
