@@ -179,3 +179,18 @@ def test_under_root_path_the_turn_routes_are_served(root_path_server: ServerProc
     assert posted.status_code == 200
     status = httpx.get(root_path_server.base_url + "/turns/chat:m1:0")
     assert status.status_code == 200, (status.status_code, status.text)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug (low): TurnstreamMiddleware does not check `prefix`: '' or '/' makes every "
+    "one-segment path a turn route (the app's own POST /chat becomes a 405 problem) and "
+    "'turns' (no leading slash) silently serves no turn route at all",
+)
+@pytest.mark.parametrize("prefix", ["", "/", "turns"])
+async def test_a_prefix_that_cannot_work_is_refused(prefix: str) -> None:
+    supervisor = Supervisor(MemoryStore())
+    with pytest.raises(ValueError):
+        TurnstreamMiddleware(
+            chat_app(supervisor).app, supervisor=supervisor, authorize=authorize, prefix=prefix
+        )
