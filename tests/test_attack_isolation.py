@@ -190,8 +190,7 @@ async def start_live(
     for _ in range(300):  # bounded: 3 s
         response = await client.get(turn_url(execution_id), headers=headers)
         if response.status_code == 200 and response.json()["lastSeq"] >= 2:
-            assert response.json()["status"] == "running"
-            return task
+            return task  # usually still running; a stalled loop may have let it finish
         await asyncio.sleep(0.01)
     raise AssertionError("the owner's turn never went live")
 
