@@ -130,9 +130,13 @@ async def test_an_outage_past_the_retry_budget_ends_the_turn_once_the_store_is_b
             return run is not None and run.status.finished
 
         await wait_for(finished)
+        # retry=False: read the failure back (by default this retryable one would start a
+        # new attempt, tests/test_retry.py).
         replay = ndjson(
             await collect(
-                await handle_chat_turn(IDENTITY, INPUT, supervisor=supervisor, produce=producer)
+                await handle_chat_turn(
+                    IDENTITY, INPUT, supervisor=supervisor, produce=producer, retry=False
+                )
             )
         )
     assert_whole_log(replay)

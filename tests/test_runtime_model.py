@@ -559,6 +559,9 @@ class RuntimeModel(RuleBasedStateMachine):
             turn.input if input is None else input,
             supervisor=worker.supervisor,
             cursor=after,
+            # This model replays a failure: it checks takeovers and outages, and a retry of
+            # a failed turn (a new attempt after it, tests/test_retry.py) is not in it yet.
+            retry=False,
             **source,
         )
         if result.status != 200:

@@ -43,6 +43,7 @@ from ._identity import TurnIdentity, canonical_input_hash
 from ._problems import problem_for_exception
 from ._reader import read_batches
 from ._response import TurnStreamResponse
+from ._retry import should_reopen
 from ._store import BeginOutcome, RunKey, TurnStore
 from ._supervisor import Supervisor
 
@@ -234,6 +235,7 @@ async def handle_chat_turn(
     cursor: str | int | None = None,
     last_event_id: str | None = None,
     request: Request | None = None,
+    retry: bool | None = None,
 ) -> ChatTurnResult:
     """Answer one chat-turn request.
 
@@ -245,6 +247,9 @@ async def handle_chat_turn(
     stream after a seq (``format="ai-sdk"``, the AI SDK's UI message stream, checks them but
     always replays the turn from its start). Given a Starlette/FastAPI ``request``, those four
     default to its ``?format=``, ``Accept``, ``?after=`` and ``Last-Event-ID``.
+
+    A turn that ended failed starts a new attempt when its error was ``retryable`` (or with
+    ``retry=True``; ``retry=False`` always replays it): ``X-Turn-Mode: restarted``.
     """
     if request is not None:
         format = format if format is not None else request.query_params.get("format")
@@ -277,6 +282,14 @@ async def handle_chat_turn(
         key = supervisor.run_key(identity.tenant_id, identity.user_id, execution_id)
         await supervisor.ensure_started()
         result = await supervisor.begin(key, input_hash=input_hash, user_id=identity.user_id)
+        reopened = False
+        if result.outcome is BeginOutcome.COMPLETED and await should_reopen(
+            supervisor.store, key, result.run, retry
+        ):
+            result = await supervisor.begin(
+                key, input_hash=input_hash, user_id=identity.user_id, reopen_failed=True
+            )
+            reopened = result.outcome is BeginOutcome.TAKEOVER
         if result.outcome is BeginOutcome.MISMATCH:
             raise TurnInputMismatch(
                 "this turn was already started with a different input; "
@@ -287,6 +300,13 @@ async def handle_chat_turn(
         if result.outcome is BeginOutcome.FRESH:
             supervisor.start_pump(
                 result, identity=identity, input=input, hooks=hooks, mode="fresh", adapter=adapter
+            )
+        elif reopened:
+            # A retry of a failed turn: a new attempt after the failed one, in the same log
+            # (an adapter starts a new substrate run for it: StartRequest.attempt says which).
+            min_attempt = result.run.attempt + 1
+            supervisor.start_pump(
+                result, identity=identity, input=input, hooks=hooks, mode="retry", adapter=adapter
             )
         elif result.outcome is BeginOutcome.TAKEOVER:
             found = supervisor.adapter_for(result.run.handle) if adapter is not None else None

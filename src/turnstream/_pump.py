@@ -56,9 +56,11 @@ _BACKOFF_MAX_S = 1.0
 _BACKOFF_MAX_FINISHING_S = 2.0
 _BATCH_BYTES = 1024 * 1024
 
-# fresh: a new run; restart: a new attempt of a local producer; resume: re-attach to a
-# substrate; orphan: nothing can resume it (its owner died long ago), so only end it.
-PumpMode = Literal["fresh", "restart", "resume", "orphan"]
+# fresh: a new run; restart: a new attempt of a local producer; retry: a new attempt of a
+# run that ended failed (its log holds that attempt's terminal event already); resume:
+# re-attach to a substrate; orphan: nothing can resume it (its owner died long ago), so only
+# end it.
+PumpMode = Literal["fresh", "restart", "retry", "resume", "orphan"]
 
 T = TypeVar("T")
 
@@ -102,6 +104,8 @@ class Pump:
         # Monotonic time of the first store failure of the current outage (None: none).
         self._outage_since: float | None = None
         self._abandoned = False  # a batch was given up on: it may have landed all the same
+        # False once the log is seen to hold a terminal event already (a retry reopened it).
+        self._first_terminal = True
 
     @property
     def handle(self) -> RunHandle | None:
@@ -162,7 +166,7 @@ class Pump:
         # before anything is produced again: no new attempt, no second model call, and the
         # text logged so far is the turn's.
         cancelled = self._cancel_requested
-        if self.mode == "restart" and not cancelled:
+        if self.mode in ("restart", "retry") and not cancelled:
             self.attempt = await self._retrying(
                 lambda: self.supervisor.store.restart(self.key, self.lease), None
             )
@@ -215,7 +219,9 @@ class Pump:
         else:
             status, terminal_type = RunStatus.COMPLETED, COMPLETED
         terminal = self._lifecycle(
-            "ts:terminal",
+            # One terminal per log, unless a retry reopened it: then each attempt's own id, so
+            # a client that dedups on eventId keeps both.
+            "ts:terminal" if self._first_terminal else f"ts:terminal:{self.attempt}",
             {
                 "type": terminal_type,
                 "executionId": execution_id,
@@ -295,6 +301,8 @@ class Pump:
                 self.fold.add(event)
                 self.last_seq = event.seq
                 self.producing.saw_logged(event)
+                if event.terminal:
+                    self._first_terminal = False
             if publish:
                 self.live.publish(events)
 

@@ -83,6 +83,22 @@ async def read_run(
         await batches.aclose()  # type: ignore[attr-defined]
 
 
+async def _without_superseded_terminals(
+    supervisor: Supervisor, key: RunKey, events: list[LoggedEvent], notice_s: float
+) -> list[LoggedEvent]:
+    """``events`` without the terminal events that a later attempt superseded."""
+    if any(event.terminal for event in events[:-1]):
+        last = len(events) - 1
+        events = [event for i, event in enumerate(events) if i == last or not event.terminal]
+    if events[-1].terminal:
+        # The last event read: the end of the log, unless a retry reopened the run (or is
+        # about to log its first event after it). The record says: one read per stream end.
+        run = await _bounded(supervisor.store.get_run(key), notice_s, "get_run")
+        if run is not None and (not run.status.finished or run.last_seq > events[-1].seq):
+            return events[:-1]
+    return events
+
+
 async def read_batches(
     supervisor: Supervisor, key: RunKey, *, after: int = 0
 ) -> AsyncIterator[list[LoggedEvent]]:
@@ -100,6 +116,7 @@ async def read_batches(
     block_s = supervisor.follow_block_ms / 1000
     cursor = after
     while True:
+        from_store = False
         live = supervisor.live_run(key)
         if live is not None and live.covers(cursor):
             events = live.events_after(cursor)
@@ -110,6 +127,7 @@ async def read_batches(
                     await _wait_live(live, cursor, notice_s)
                     continue
         if live is None or not live.covers(cursor):
+            from_store = True
             events = await _bounded(store.read(key, after=cursor, limit=_PAGE), notice_s, "read")
             if not events:
                 fresh_live = supervisor.live_run(key)
@@ -142,6 +160,14 @@ async def read_batches(
                     # wait for a TTL.
                     logger.info("run %s has no live owner; ending reader", key.execution_id)
                     raise OwnerLost(f"the worker running {key.execution_id} stopped")
+                continue
+        last = events[-1]
+        if from_store:
+            # A retry of a failed turn appends a new attempt after the failed one's terminal
+            # event, which then ends nothing: left out (a live pump's tail never holds one).
+            events = await _without_superseded_terminals(supervisor, key, events, notice_s)
+            if not events:
+                cursor = last.seq
                 continue
         yield events
         if events[-1].terminal:  # the log's last event: nothing can follow it in a batch

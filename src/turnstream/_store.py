@@ -149,7 +149,14 @@ class TurnStore(Protocol):
     """
 
     async def begin(
-        self, key: RunKey, *, input_hash: str, user_id: str, holder: str, lease_ms: int
+        self,
+        key: RunKey,
+        *,
+        input_hash: str,
+        user_id: str,
+        holder: str,
+        lease_ms: int,
+        reopen_failed: bool = False,
     ) -> BeginResult:
         """Atomically classify a turn request and, when FRESH or TAKEOVER, lease it.
 
@@ -158,6 +165,13 @@ class TurnStore(Protocol):
         touches the lease. ``user_id`` records who started the run (the first begin's) and is
         not compared: a user's run has its user in its key already, and a run of a tenant's
         shared sessions (``key.user_id is None``) is every one of its users' alike.
+
+        ``reopen_failed=True`` (a retry of a failed turn): a run that ended FAILED is leased
+        again like a TAKEOVER — status back to RUNNING, a new fencing token, the checkpoint,
+        the finish and any pending persistence cleared, the cancel flag lowered, the running
+        TTL again — and its log is kept: the new attempt appends after the failed terminal
+        event (readers skip a terminal that has events after it). It is passed only when
+        true, so a store that predates it still serves every other request.
         """
         ...
 

@@ -303,15 +303,20 @@ class Supervisor:
         identity = completion.identity
         return self.run_key(identity.tenant_id, identity.user_id, completion.execution_id)
 
-    async def begin(self, key: RunKey, *, input_hash: str, user_id: str) -> BeginResult:
+    async def begin(
+        self, key: RunKey, *, input_hash: str, user_id: str, reopen_failed: bool = False
+    ) -> BeginResult:
         if self._closing:
             raise StoreUnavailable("this worker is shutting down")
+        # Only when asked: a store written before reopen_failed serves every other begin.
+        extra = {"reopen_failed": True} if reopen_failed else {}
         return await self.store.begin(
             key,
             input_hash=input_hash,
             user_id=user_id,
             holder=self.worker_id,
             lease_ms=self.lease_ms,
+            **extra,
         )
 
     def start_pump(

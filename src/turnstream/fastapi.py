@@ -59,9 +59,11 @@ class ChatTurn:
         produce: Producer | None = None,
         adapter: ReconnectAdapter | None = None,
         hooks: TurnHooks | None = None,
+        retry: bool | None = None,
     ) -> Response:
         """``handle_chat_turn`` for this turn (format and cursor from the request), as the
-        ``Response`` a FastAPI route returns: the stream, or a problem document."""
+        ``Response`` a FastAPI route returns: the stream, or a problem document. ``retry``:
+        see ``handle_chat_turn`` (a failed turn is retried when its error was retryable)."""
         result = await handle_chat_turn(
             self.identity,
             self.input if input is None else input,
@@ -70,6 +72,7 @@ class ChatTurn:
             adapter=adapter,
             hooks=hooks,
             request=self.request,
+            retry=retry,
         )
         return result.response
 

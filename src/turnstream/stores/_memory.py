@@ -198,7 +198,14 @@ class MemoryStore:
     # -- protocol --------------------------------------------------------------------------
 
     async def begin(
-        self, key: RunKey, *, input_hash: str, user_id: str, holder: str, lease_ms: int
+        self,
+        key: RunKey,
+        *,
+        input_hash: str,
+        user_id: str,
+        holder: str,
+        lease_ms: int,
+        reopen_failed: bool = False,
     ) -> BeginResult:
         self._check_open()
         now = self._clock()
@@ -212,6 +219,12 @@ class MemoryStore:
             return BeginResult(BeginOutcome.FRESH, self._record(run), Lease(holder, 1))
         if run.input_hash != input_hash:
             return BeginResult(BeginOutcome.MISMATCH, self._record(run), None)
+        if reopen_failed and run.status is RunStatus.FAILED:
+            # A retry of a failed turn: running again, its log kept (see TurnStore.begin).
+            run.status = RunStatus.RUNNING
+            run.final_text = run.finished_at_ms = run.finished_by = None
+            run.persist_pending, run.persist_due_at_ms = False, 0
+            run.cancel_requested = False
         return self._join_or_take_over(run, holder=holder, lease_ms=lease_ms, now=now)
 
     def _append_now(self, key: RunKey, lease: Lease, events: Sequence[NewEvent]) -> list[int]:

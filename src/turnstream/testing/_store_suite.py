@@ -136,13 +136,16 @@ class StoreConformance:
         input_hash: str = "hash-1",
         lease_ms: int | None = None,
         user_id: str = "user-1",
+        reopen_failed: bool = False,
     ) -> BeginResult:
+        extra = {"reopen_failed": True} if reopen_failed else {}
         return await store.begin(
             key,
             input_hash=input_hash,
             user_id=user_id,
             holder=holder,
             lease_ms=self.lease_ms if lease_ms is None else lease_ms,
+            **extra,
         )
 
     async def own(
@@ -1557,6 +1560,78 @@ class StoreConformance:
             result = await self.claim(store, key)
             assert result is not None and result.outcome is BeginOutcome.TAKEOVER, (key, result)
             assert result.run.key == key
+
+    # -- reopening a failed run (a retry of a failed turn) ------------------------------------
+
+    async def failed_run(self, store: TurnStore, *, persist: bool = False) -> tuple[RunKey, Lease]:
+        key = self.new_key()
+        lease = await self.own(store, key)
+        await store.request_cancel(key)
+        assert await store.append(key, lease, [_delta("1.1"), _delta("1.2")]) == [1, 2]
+        seq = await store.finish(
+            key,
+            lease,
+            status=RunStatus.FAILED,
+            terminal=_terminal(RunStatus.FAILED, "ts:terminal"),
+            final_text="<1.1><1.2>",
+            persist_after_ms=1 if persist else None,
+        )
+        assert seq == 3
+        return key, lease
+
+    async def test_reopen_failed_leases_a_failed_run_again_and_keeps_its_log(
+        self, store: TurnStore
+    ) -> None:
+        key, old = await self.failed_run(store, persist=True)
+        reopened = await self.begin(store, key, "worker-b", reopen_failed=True)
+        assert reopened.outcome is BeginOutcome.TAKEOVER
+        assert reopened.lease is not None and reopened.lease.token > old.token
+        record = reopened.run
+        assert record.status is RunStatus.RUNNING
+        assert (record.final_text, record.finished_at_ms, record.cancel_requested) == (
+            None,
+            None,
+            False,
+        )
+        assert record.last_seq == 3 and record.lease_live
+        assert await store.claim_persist(key, holder="w", lease_ms=1000) is None  # not pending
+        with pytest.raises(LeaseLost):
+            await store.append(key, old, [_delta("x")])
+        lease = reopened.lease
+        assert await store.restart(key, lease) == 2
+        assert await store.append(key, lease, [_delta("2.1")]) == [4]
+        seq = await store.finish(
+            key,
+            lease,
+            status=RunStatus.COMPLETED,
+            terminal=_terminal(RunStatus.COMPLETED, "ts:terminal:2"),
+            final_text="<2.1>",
+        )
+        assert seq == 5
+        log = await self.log(store, key)
+        assert _summary(log) == [
+            (1, "1.1"), (2, "1.2"), (3, "ts:terminal"), (4, "2.1"), (5, "ts:terminal:2")
+        ]  # fmt: skip
+        final = await self.run_record(store, key)
+        assert (final.status, final.final_text, final.attempt) == (RunStatus.COMPLETED, "<2.1>", 2)
+
+    async def test_reopen_failed_is_a_begin_for_any_other_run(self, store: TurnStore) -> None:
+        key, _ = await self.failed_run(store)
+        assert (await self.begin(store, key, "w")).outcome is BeginOutcome.COMPLETED  # no reopen
+        mismatch = await self.begin(store, key, "w", input_hash="other", reopen_failed=True)
+        assert (mismatch.outcome, mismatch.lease) == (BeginOutcome.MISMATCH, None)
+        reopened = await self.begin(store, key, "worker-b", reopen_failed=True)
+        assert reopened.outcome is BeginOutcome.TAKEOVER
+        # Running again with a live lease: a second retry joins it, it is not reopened twice.
+        again = await self.begin(store, key, "worker-c", reopen_failed=True)
+        assert (again.outcome, again.lease) == (BeginOutcome.LIVE, None)
+        for status in (RunStatus.COMPLETED, RunStatus.CANCELLED):
+            other = self.new_key()
+            lease = await self.own(store, other)
+            await store.finish(other, lease, status=status, terminal=_terminal(status),
+                               final_text="")  # fmt: skip
+            result = await self.begin(store, other, "w", reopen_failed=True)
+            assert (result.outcome, result.lease) == (BeginOutcome.COMPLETED, None)
 
     # -- isolation ------------------------------------------------------------------------
 

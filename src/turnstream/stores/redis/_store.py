@@ -247,7 +247,14 @@ class RedisStore:
     # -- protocol --------------------------------------------------------------------------
 
     async def begin(
-        self, key: RunKey, *, input_hash: str, user_id: str, holder: str, lease_ms: int
+        self,
+        key: RunKey,
+        *,
+        input_hash: str,
+        user_id: str,
+        holder: str,
+        lease_ms: int,
+        reopen_failed: bool = False,
     ) -> BeginResult:
         reply = await self._call(
             self._scripts.begin,
@@ -260,6 +267,7 @@ class RedisStore:
                 _ms(lease_ms),
                 secrets.token_hex(12).encode(),
                 _ms(self.running_ttl_ms),
+                b"1" if reopen_failed else b"0",
             ],
         )
         outcome = BeginOutcome(as_str(reply[0]))

@@ -1,5 +1,6 @@
 -- Classify a turn request (docs/lifecycle.md, turn modes) and, when fresh or taken over, lease the run.
--- KEYS: run, log, ids.  ARGV: input_hash, user_id, holder, lease_ms, begin_id, running_ttl_ms.
+-- KEYS: run, log, ids.
+-- ARGV: input_hash, user_id, holder, lease_ms, begin_id, running_ttl_ms, reopen_failed ('1'/'0').
 -- Returns {outcome, now_ms, HGETALL of the run}.
 local run, log, ids = KEYS[1], KEYS[2], KEYS[3]
 local input_hash, user_id, holder = ARGV[1], ARGV[2], ARGV[3]
@@ -39,10 +40,16 @@ end
 if f[2] ~= input_hash then
   return answer('mismatch')
 end
-if f[1] ~= 'running' then
+if f[1] == 'failed' and ARGV[7] == '1' then
+  -- A retry of a failed turn: running again, its log kept; the lease is taken below as in a
+  -- takeover (the begin_id check above makes a resent reopen get the same lease).
+  redis.call('HSET', run, 'status', 'running', 'cancel_requested', '0')
+  redis.call('HDEL', run, 'final_text', 'finished_at', 'finished_by', 'persist',
+    'persist_due_at')
+elseif f[1] ~= 'running' then
   return answer('completed')
 end
-if f[3] and tonumber(f[4]) > now then
+if f[1] == 'running' and f[3] and tonumber(f[4]) > now then
   return answer('live')
 end
 
