@@ -40,8 +40,8 @@ producer_calls: Counter[str] = Counter()  # execution id -> model calls (see /de
 
 def authorize(request: Request) -> Principal:
     """Your auth goes here; this example trusts a header (Unauthorized: a 401)."""
-    user = request.headers.get("x-user-id")
-    if not user:
+    user = request.headers.get("x-user-id", "")
+    if not user or len(user) > 256 or not user.isprintable():  # a client's text: check it
         raise Unauthorized("send an X-User-Id header")
     return Principal(tenant_id="acme", user_id=user)
 

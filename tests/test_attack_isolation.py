@@ -9,8 +9,8 @@ answers on every turn route are byte for byte an unknown id's, their cancel does
 their POST is a fresh turn of their own. ``access="tenant"`` shares within a tenant and still
 separates tenants that differ only by such characters.
 
-The last test is the demo's AI SDK resume route, which keeps its hint per tenant and chat,
-not per user (``xfail(strict)``: a bug; remove the mark once fixed).
+The last test is the demo's AI SDK resume route, whose hint was per tenant and chat, not per
+user: another user's newer turns of a chat id hid one's own (fixed; the test keeps it so).
 """
 
 from __future__ import annotations
@@ -319,13 +319,6 @@ async def test_ai_sdk_resume_finds_ones_own_turn(demo: httpx.AsyncClient) -> Non
     assert resumed.status_code == 200 and resumed.headers["x-turn-mode"] == "replayed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the demo's AI SDK resume hint (LatestTurns, src/turnstream/_demo/_ai_sdk.py) "
-    "is keyed by (tenant, chat id), not by user: another user's higher turn index on the same "
-    "chat id makes bob's own resume a 204, which tells bob that someone else in his tenant "
-    "has that chat (and how many turns): a cross-user existence oracle, and a lost resume",
-)
 async def test_ai_sdk_resume_does_not_depend_on_another_users_chat(
     demo: httpx.AsyncClient,
 ) -> None:

@@ -2,10 +2,10 @@
 
 ASGI puts the full path in ``scope["path"]`` and the mount point in ``scope["root_path"]``
 (Starlette's ``Mount`` and ``uvicorn --root-path`` both do so; Starlette's own router matches
-on ``path`` minus ``root_path``). ``TurnstreamMiddleware`` matches ``scope["path"]`` against
-``/turns/`` as is, so a mounted app's, or a proxied app's, turn routes are never served: the
-stream, status and cancel routes fall through to the app's 404 while ``POST /chat`` works.
-Tests marked ``xfail(strict)`` fail today; remove the mark once fixed.
+on ``path`` minus ``root_path``). ``TurnstreamMiddleware`` used to match ``scope["path"]``
+against ``/turns/`` as is, so a mounted app's, or a proxied app's, turn routes were never
+served: the stream, status and cancel routes fell through to the app's 404 while ``POST
+/chat`` worked. It now matches ``path`` minus ``root_path``; these tests keep it so.
 """
 
 from __future__ import annotations
@@ -89,12 +89,6 @@ async def test_a_mounted_chat_route_works(mounted: httpx.AsyncClient) -> None:
     assert response.headers["x-execution-id"] == "chat:m1:0"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: TurnstreamMiddleware matches scope['path'] without removing "
-    "scope['root_path'] (src/turnstream/_middleware.py, __call__): under Mount('/api', …) "
-    "the turn routes are never served; resume, status and cancel are the app's text/plain 404",
-)
 async def test_a_mounted_apps_turn_routes_are_served(mounted: httpx.AsyncClient) -> None:
     posted = await mounted.post("/api/chat", json=TURN, headers=ADA)
     assert posted.status_code == 200
@@ -168,12 +162,6 @@ def test_under_root_path_the_chat_route_works(root_path_server: ServerProcess) -
     assert response.status_code == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: under `uvicorn --root-path /api` scope['path'] is '/api/turns/…', which "
-    "TurnstreamMiddleware does not recognise: the turn routes are unreachable (the app's "
-    "text/plain 404), so no client behind such a proxy can resume, read or cancel a turn",
-)
 def test_under_root_path_the_turn_routes_are_served(root_path_server: ServerProcess) -> None:
     posted = httpx.post(root_path_server.base_url + "/chat", json=TURN)
     assert posted.status_code == 200
@@ -181,12 +169,6 @@ def test_under_root_path_the_turn_routes_are_served(root_path_server: ServerProc
     assert status.status_code == 200, (status.status_code, status.text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (low): TurnstreamMiddleware does not check `prefix`: '' or '/' makes every "
-    "one-segment path a turn route (the app's own POST /chat becomes a 405 problem) and "
-    "'turns' (no leading slash) silently serves no turn route at all",
-)
 @pytest.mark.parametrize("prefix", ["", "/", "turns"])
 async def test_a_prefix_that_cannot_work_is_refused(prefix: str) -> None:
     supervisor = Supervisor(MemoryStore())

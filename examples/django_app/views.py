@@ -36,8 +36,8 @@ def authorize(request: Any) -> Principal:
     Called with Django's ``HttpRequest`` by the view and with a Starlette ``Request`` by the
     turn routes (the middleware runs before Django): both have case-insensitive ``headers``.
     """
-    user = request.headers.get("x-user-id")
-    if not user:
+    user = request.headers.get("x-user-id", "")
+    if not user or len(user) > 256 or not user.isprintable():  # a client's text: check it
         raise Unauthorized("send an X-User-Id header")
     return Principal(tenant_id="acme", user_id=user)
 

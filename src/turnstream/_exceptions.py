@@ -79,8 +79,9 @@ class Unauthorized(TurnstreamError):
     """``authorize`` rejects the request: no credentials, or bad ones (401).
 
     ``www_authenticate`` becomes the response's ``WWW-Authenticate`` header (RFC 9110
-    §11.6.1 asks a 401 for one), e.g. ``'Bearer realm="chat"'``. The message is shown to the
-    client as the problem's ``detail``.
+    §11.6.1 asks a 401 for one), e.g. ``'Bearer realm="chat"'``; a value that is no HTTP
+    field value (CR, LF, other control characters, text beyond latin-1) is dropped with a
+    warning, never sent. The message is shown to the client as the problem's ``detail``.
     """
 
     def __init__(self, message: str = "", *, www_authenticate: str | None = None) -> None:

@@ -39,7 +39,8 @@ def check_component(value: object, field: str) -> str:
         raise InvalidTurnInput(
             f"{field} is longer than {MAX_COMPONENT_LENGTH} characters", field=field
         )
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+    # C0, DEL and C1 (U+0080-U+009F: NEL is a line break, CSI a terminal escape) alike.
+    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F for ch in value):
         raise InvalidTurnInput(f"{field} must not contain control characters", field=field)
     try:
         value.encode("utf-8")

@@ -67,6 +67,9 @@ class TurnstreamMiddleware:
     ) -> None:
         if lifespan not in ("auto", "own", "forward"):
             raise ValueError(f"lifespan must be 'auto', 'own' or 'forward', not {lifespan!r}")
+        if not prefix.startswith("/") or not prefix.strip("/"):
+            # "" or "/" would make every one-segment path a turn route, "turns" none at all.
+            raise ValueError(f"prefix must be a path like '/turns', not {prefix!r}")
         self.app = app
         self.lifespan = lifespan
         self.supervisor = supervisor
@@ -79,6 +82,11 @@ class TurnstreamMiddleware:
             return
         if scope["type"] == "http":
             path: str = scope["path"]
+            # Under Mount("/api", …) or `uvicorn --root-path /api`, `path` is the full path
+            # and `root_path` the part in front of this app (as Starlette's routing reads it).
+            root_path: str = scope.get("root_path", "")
+            if root_path and path.startswith(root_path):
+                path = path[len(root_path) :]
             if path.startswith(self.prefix + "/"):
                 response = await self._route(scope, receive, path[len(self.prefix) + 1 :])
                 if response is not None:

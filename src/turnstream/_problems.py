@@ -6,6 +6,7 @@ everything here is for the moment before, when an HTTP status can still say what
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -30,6 +31,8 @@ __all__ = [
     "problem_body",
     "problem_for_exception",
 ]
+
+logger = logging.getLogger("turnstream.problems")
 
 PROBLEM_MEDIA_TYPE: Final = "application/problem+json"
 
@@ -137,8 +140,15 @@ def problem_for_exception(
         return _input_problem(exc, 400, "Invalid turn input", "invalid-input")
     if isinstance(exc, Unauthorized):
         headers: dict[str, str] = {}
-        if exc.www_authenticate is not None:
-            headers["WWW-Authenticate"] = exc.www_authenticate
+        challenge = exc.www_authenticate
+        if challenge is not None:
+            if _is_field_value(challenge):
+                headers["WWW-Authenticate"] = challenge
+            else:
+                # CR/LF would inject headers, non-latin-1 text cannot be sent at all: the
+                # client still gets its 401, without the challenge.
+                logger.warning("dropped a WWW-Authenticate that is no HTTP field value: %r",
+                               challenge)  # fmt: skip
         return ProblemResponse(
             401,
             "Unauthorized",
@@ -178,6 +188,13 @@ def problem_for_exception(
         "Internal error",
         "The turn could not be started because of an internal error.",
         type=_problem_type("internal-error"),
+    )
+
+
+def _is_field_value(value: object) -> bool:
+    """RFC 9110 §5.5: visible latin-1 characters, spaces and tabs; nothing else."""
+    return isinstance(value, str) and all(
+        ch == "\t" or " " <= ch <= "~" or "\x80" <= ch <= "\xff" for ch in value
     )
 
 

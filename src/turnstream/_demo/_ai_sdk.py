@@ -96,7 +96,7 @@ class AiSdkChatRequest:
 
 
 class LatestTurns:
-    """The newest turn index this process has seen per (tenant, chat): only a hint.
+    """The newest turn index this process has seen per (tenant and user, chat): only a hint.
 
     The store is the truth (see :func:`find_latest_turn`); the hint saves the walk from turn 0.
     Bounded: the ``max_chats`` most recently used chats are kept.
@@ -150,6 +150,13 @@ async def find_latest_turn(
     return None if run is None else (turn, run)
 
 
+def _hint_scope(principal: Principal) -> str:
+    # Per user: a hint shared by a tenant's users let one user's newer turns of a chat id hide
+    # another's (a 204 for a turn that exists) and tell them that the chat id was in use. NUL
+    # is in no id, so the pair is unambiguous.
+    return f"{principal.tenant_id}\0{principal.user_id}"
+
+
 def ai_sdk_routes(
     *,
     supervisor: Supervisor,
@@ -185,7 +192,7 @@ def ai_sdk_routes(
             format=StreamFormat.AI_SDK.value,
         )
         if result.status == 200:
-            latest_turns.record(principal.tenant_id, body.chat_id, body.turn_index)
+            latest_turns.record(_hint_scope(principal), body.chat_id, body.turn_index)
         return result.response
 
     async def resume(request: Request) -> Response:
@@ -199,13 +206,13 @@ def ai_sdk_routes(
                 tenant_id=principal.tenant_id,
                 project_id=project_id,
                 chat_id=chat_id,
-                hint=latest_turns.hint(principal.tenant_id, chat_id),
+                hint=latest_turns.hint(_hint_scope(principal), chat_id),
                 user_id=supervisor.run_key(principal.tenant_id, principal.user_id, "").user_id,
             )
             if found is None or found[1].user_id != principal.user_id:
                 return Response(status_code=204, headers={"Cache-Control": "no-store"})
             turn_index, run = found
-            latest_turns.record(principal.tenant_id, chat_id, turn_index)
+            latest_turns.record(_hint_scope(principal), chat_id, turn_index)
             mode = "replayed" if run.status.finished else "joined"
             if not run.status.finished and not run.lease_live:
                 # The owner died: re-attach now rather than after a blocked read (as the
