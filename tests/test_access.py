@@ -11,24 +11,15 @@ from typing import Any
 
 import httpx
 import pytest
-from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
+from tests._chat_app import chat_app
 from tests._helpers import WordProducer, ndjson, text_of
 from turnstream import (
-    ChatTurnRequest,
     MemoryStore,
     Principal,
     RunKey,
     Supervisor,
-    TurnIdentity,
-    TurnstreamError,
-    TurnstreamMiddleware,
-    authorize_request,
-    handle_chat_turn,
-    problem_for_exception,
 )
 
 ALICE = {"X-User": "alice"}
@@ -46,23 +37,7 @@ async def env(
     supervisor = Supervisor(MemoryStore(), lease_ms=2000, access=request.param)
     producer = WordProducer(words=4)
 
-    async def chat(request: Request) -> Response:
-        try:
-            who = await authorize_request(authorize, request)
-            body = await ChatTurnRequest.read(request)
-            identity = TurnIdentity(who.tenant_id, "chat", body.session_id, who.user_id, 0)
-        except TurnstreamError as exc:
-            return problem_for_exception(exc)
-        result = await handle_chat_turn(
-            identity, {"message": body.message}, supervisor=supervisor, produce=producer
-        )
-        return result.response
-
-    app = TurnstreamMiddleware(
-        Starlette(routes=[Route("/chat", chat, methods=["POST"])]),
-        supervisor=supervisor,
-        authorize=authorize,
-    )
+    app = chat_app(supervisor, authorize, producer)
     async with supervisor, httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://test"
     ) as client:

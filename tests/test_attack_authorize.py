@@ -24,25 +24,19 @@ import orjson
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi import Request as FastAPIRequest
-from starlette.applications import Starlette
-from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
+from tests._chat_app import chat_app
 from tests._helpers import WordProducer
 from tests.e2e._server import ServerProcess
 from turnstream import (
-    ChatTurnRequest,
     Limits,
     MemoryStore,
     Principal,
     Supervisor,
-    TurnIdentity,
     TurnstreamError,
-    TurnstreamMiddleware,
     Unauthorized,
     authorize_request,
-    handle_chat_turn,
     problem_for_exception,
 )
 from turnstream.fastapi import ChatTurn, chat_turn, problem_handler
@@ -156,29 +150,7 @@ async def apps() -> AsyncIterator[dict[str, httpx.AsyncClient]]:
     producer = WordProducer(2)
     authorize = make_authorize(mode)
 
-    async def chat(request: Request) -> Response:
-        try:
-            who = await authorize_request(authorize, request)
-            body = await ChatTurnRequest.read(request, limits=supervisor.limits)
-            identity = TurnIdentity(
-                who.tenant_id, "chat", body.session_id, who.user_id, body.turn_index
-            )
-        except TurnstreamError as exc:
-            return problem_for_exception(exc)
-        result = await handle_chat_turn(
-            identity,
-            {"message": body.message},
-            supervisor=supervisor,
-            produce=producer,
-            request=request,
-        )
-        return result.response
-
-    starlette = TurnstreamMiddleware(
-        Starlette(routes=[Route("/chat", chat, methods=["POST"])]),
-        supervisor=supervisor,
-        authorize=authorize,
-    )
+    starlette = chat_app(supervisor, authorize, producer)
     fastapi_app = FastAPI(exception_handlers={TurnstreamError: problem_handler})
     dependency = chat_turn(supervisor, authorize=authorize)
 

@@ -24,24 +24,15 @@ from urllib.parse import quote
 import httpx
 import orjson
 import pytest
-from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
+from tests._chat_app import chat_app
 from tests._helpers import WordProducer
 from turnstream import (
-    ChatTurnRequest,
     MemoryStore,
     Principal,
     RedisStore,
     Supervisor,
-    TurnIdentity,
-    TurnstreamError,
-    TurnstreamMiddleware,
-    authorize_request,
-    handle_chat_turn,
-    problem_for_exception,
 )
 from turnstream._demo import create_demo_app
 
@@ -84,29 +75,7 @@ class Env:
 
 
 def build_app(supervisor: Supervisor, producer: Callable[..., Any]) -> Any:
-    async def chat(request: Request) -> Response:
-        try:
-            principal = await authorize_request(authorize, request)
-            body = await ChatTurnRequest.read(request, limits=supervisor.limits)
-            identity = TurnIdentity(
-                principal.tenant_id, "chat", body.session_id, principal.user_id, body.turn_index
-            )
-        except TurnstreamError as exc:
-            return problem_for_exception(exc)
-        result = await handle_chat_turn(
-            identity,
-            {"message": body.message},
-            supervisor=supervisor,
-            produce=producer,
-            request=request,
-        )
-        return result.response
-
-    return TurnstreamMiddleware(
-        Starlette(routes=[Route("/chat", chat, methods=["POST"])]),
-        supervisor=supervisor,
-        authorize=authorize,
-    )
+    return chat_app(supervisor, authorize, producer)
 
 
 async def open_client(

@@ -18,22 +18,16 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Mount, Route
+from starlette.routing import Mount
 
+from tests._chat_app import chat_app as shared_chat_app
 from tests._helpers import WordProducer
 from tests.e2e._server import ServerProcess
 from turnstream import (
-    ChatTurnRequest,
     MemoryStore,
     Principal,
     Supervisor,
-    TurnIdentity,
-    TurnstreamError,
     TurnstreamMiddleware,
-    authorize_request,
-    handle_chat_turn,
-    problem_for_exception,
 )
 
 ADA = {"X-User-Id": "ada"}
@@ -46,31 +40,7 @@ def authorize(request: Request) -> Principal:
 
 
 def chat_app(supervisor: Supervisor) -> TurnstreamMiddleware:
-    producer = WordProducer(3)
-
-    async def chat(request: Request) -> Response:
-        try:
-            who = await authorize_request(authorize, request)
-            body = await ChatTurnRequest.read(request, limits=supervisor.limits)
-            identity = TurnIdentity(
-                who.tenant_id, "chat", body.session_id, who.user_id, body.turn_index
-            )
-        except TurnstreamError as exc:
-            return problem_for_exception(exc)
-        result = await handle_chat_turn(
-            identity,
-            {"message": body.message},
-            supervisor=supervisor,
-            produce=producer,
-            request=request,
-        )
-        return result.response
-
-    return TurnstreamMiddleware(
-        Starlette(routes=[Route("/chat", chat, methods=["POST"])]),
-        supervisor=supervisor,
-        authorize=authorize,
-    )
+    return shared_chat_app(supervisor, authorize, WordProducer(3))
 
 
 @pytest.fixture

@@ -17,24 +17,19 @@ import orjson
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi import Request as FastAPIRequest
-from starlette.applications import Starlette
-from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
+from tests._chat_app import chat_app
 from tests._helpers import WordProducer, ndjson
 from turnstream import (
-    ChatTurnRequest,
     Forbidden,
     MemoryStore,
     Principal,
     Supervisor,
-    TurnIdentity,
     TurnstreamError,
     TurnstreamMiddleware,
     Unauthorized,
     authorize_request,
-    handle_chat_turn,
     problem_for_exception,
 )
 from turnstream.fastapi import ChatTurn, chat_turn, problem_handler
@@ -119,23 +114,7 @@ async def async_authorize(request: Any) -> Principal:
 
 
 def starlette_app(supervisor: Supervisor, authorize: Any, producer: WordProducer) -> Any:
-    async def chat(request: Request) -> Response:
-        try:
-            who = await authorize_request(authorize, request)
-            body = await ChatTurnRequest.read(request)
-        except TurnstreamError as exc:
-            return problem_for_exception(exc)
-        identity = TurnIdentity(who.tenant_id, "chat", body.session_id, who.user_id, 0)
-        result = await handle_chat_turn(
-            identity, {"message": body.message}, supervisor=supervisor, produce=producer
-        )
-        return result.response
-
-    return TurnstreamMiddleware(
-        Starlette(routes=[Route("/chat", chat, methods=["POST"])]),
-        supervisor=supervisor,
-        authorize=authorize,
-    )
+    return chat_app(supervisor, authorize, producer)
 
 
 def fastapi_app(supervisor: Supervisor, authorize: Any, producer: WordProducer) -> Any:

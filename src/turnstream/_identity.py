@@ -39,8 +39,10 @@ def check_component(value: object, field: str) -> str:
         raise InvalidTurnInput(
             f"{field} is longer than {MAX_COMPONENT_LENGTH} characters", field=field
         )
-    # C0, DEL and C1 (U+0080-U+009F: NEL is a line break, CSI a terminal escape) alike.
-    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F for ch in value):
+    # C0 and DEL: they break lines and headers. C1 (U+0080-U+009F) stays allowed: a latin-1
+    # header byte decodes to it, and an id percent-encodes it anyway (an app that logs ids
+    # raw should escape them).
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
         raise InvalidTurnInput(f"{field} must not contain control characters", field=field)
     try:
         value.encode("utf-8")

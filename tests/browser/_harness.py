@@ -195,7 +195,7 @@ def check_reply_on_page(
     assert final["transcript"].count(reply) == 1
     if samples_are_prefixes:
         assert final["notes"] == [], final["notes"]  # no error, no "final text differed"
-    assert final["state"] == ""
+    assert final["state"] == "", final["state"]
     assert result["samples"], "the live reply was never seen"
     if samples_are_prefixes:
         # While it streamed, the reply only ever grew: never a word twice, never a word lost.
