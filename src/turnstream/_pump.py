@@ -218,6 +218,7 @@ class Pump:
             await self._cancel_substrate()
         else:
             status, terminal_type = RunStatus.COMPLETED, COMPLETED
+        final_text = self.text  # once: with redaction it is a pass over the whole text
         terminal = self._lifecycle(
             # One terminal per log, unless a retry reopened it: then each attempt's own id, so
             # a client that dedups on eventId keeps both.
@@ -226,7 +227,7 @@ class Pump:
                 "type": terminal_type,
                 "executionId": execution_id,
                 "attempt": self.attempt,
-                "finalText": self.text,
+                "finalText": final_text,
             },
         )
         fault_point("pump.before_finish")
@@ -237,7 +238,7 @@ class Pump:
                 self.lease,
                 status=status,
                 terminal=terminal,
-                final_text=self.text,
+                final_text=final_text,
                 persist_after_ms=self.supervisor.persist_after_ms if persist else None,
             ),
             None,
@@ -248,7 +249,9 @@ class Pump:
         logged = LoggedEvent(seq, terminal.event_id, terminal.type, terminal.data)
         self.live.publish([logged])
         await self._on_event(logged)
-        self.supervisor.spawn_post_hooks(self._completion(status), self.hooks, persist=persist)
+        self.supervisor.spawn_post_hooks(
+            self._completion(status, final_text), self.hooks, persist=persist
+        )
 
     # -- the store, retried ----------------------------------------------------------------
 
@@ -437,12 +440,12 @@ class Pump:
         except Exception:
             logger.exception("on_event hook failed for %s", self.key.execution_id)
 
-    def _completion(self, status: RunStatus) -> TurnCompletion:
+    def _completion(self, status: RunStatus, final_text: str) -> TurnCompletion:
         return TurnCompletion(
             identity=self.identity,
             execution_id=self.key.execution_id,
             status=status.value,
-            final_text=self.text,
+            final_text=final_text,
             attempt=self.attempt,
             last_seq=self.last_seq,
         )

@@ -32,7 +32,7 @@ class Redact:
     """What to mask in events (see the module docs). Immutable; cheap to call on an event
     that holds nothing to mask (one dict walk and one regex search per string)."""
 
-    __slots__ = ("_keys", "_mask", "_pattern", "keys", "mask", "patterns")
+    __slots__ = ("_keys", "_pattern", "keys", "mask", "patterns")
 
     def __init__(
         self,
@@ -59,7 +59,6 @@ class Redact:
         self._pattern = (
             re.compile("|".join(f"(?:{p.pattern})" for p in compiled)) if compiled else None
         )
-        self._mask = mask
 
     def __repr__(self) -> str:
         return f"Redact(keys={list(self.keys)!r}, patterns={list(self.patterns)!r})"
@@ -73,14 +72,14 @@ class Redact:
         if isinstance(value, str):
             if self._pattern is None:
                 return value, False
-            masked, count = self._pattern.subn(self._mask, value)
+            masked, count = self._pattern.subn(self.mask, value)
             return masked, count > 0
         if isinstance(value, Mapping):
             out: dict[Any, Any] = {}
             changed = False
             for key, item in value.items():
                 if isinstance(key, str) and key.casefold() in self._keys:
-                    out[key] = self._mask
+                    out[key] = self.mask
                     changed = True
                     continue
                 out[key], item_changed = self._walk(item)
