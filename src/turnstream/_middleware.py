@@ -43,8 +43,8 @@ class TurnstreamMiddleware:
     ``authorize(request)`` returns the caller's :class:`Principal`, or raises
     :class:`~turnstream.Unauthorized` (401) or :class:`~turnstream.Forbidden` /
     ``PermissionError`` (403); anything else it raises is a logged 500. A run is visible
-    only to its tenant and the user who started it; anything else answers exactly like an
-    unknown execution id.
+    only to its tenant and, under ``Supervisor(access="user")`` (the default), to the user who
+    started it; anyone else gets exactly what an unknown execution id gets.
 
     The lifespan starts the supervisor before the app's own startup and drains it before the
     app's own shutdown (running turns may still need the app's resources). ``lifespan``:
@@ -277,7 +277,7 @@ class TurnstreamMiddleware:
         if run is None:
             return None
         if self.supervisor.access == "user" and run.user_id != principal.user_id:
-            return None  # the key names the user already; this holds should a store not
+            return None  # the key names the user already: a second check, not the only one
         return run
 
 
